@@ -1,0 +1,748 @@
+"""What every method of the paper needs, written once.
+
+Durrant & Leontidis, "Hyperspherically Regularized Networks for Self-Supervision" (2022). The method files
+(byol.py, byol_uniformity.py, byol_mhe.py, simclr.py) import this module and add only their own model and loss.
+
+Sections, in the order the paper introduces them:
+  errors and the command line    one-line errors, the shared flags, presets keyed by (dataset, epochs)
+  data                           Appendix B.3/B.4: datasets and the fixed held-out validation splits
+  augmentations                  Appendix B.5: the two views, evaluation transforms
+  model                          Appendix B.1 / Section 3.6: ResNet encoder with the CIFAR stem, the MLP head
+  optimisation                   Appendix B.2: LARS, LR warm-up + cosine, EMA schedule tau
+  evaluation                     weighted k-NN monitor, uniformity and alignment (Eq. 2, Eq. A.1)
+  checkpoints                    atomic, resumable, readable with weights_only=True
+  training loop                  gradient accumulation (Section 5.1), pre-emption, metrics.jsonl
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT = "hyperreg-1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors and the command line
+# ----------------------------------------------------------------------------------------------------------------
+class UserError(Exception):
+    """Bad input: shown as one line on stderr with a non-zero exit, never as a traceback."""
+
+
+def cli(main):
+    """Run `main()` so that bad input prints one line and exits 2 instead of a traceback."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and defaults shown only where they are not None."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+DATASET_NAMES = ("cifar10", "cifar100", "stl10", "imagenet", "folder")
+ARCHS = {"resnet18": 512, "resnet50": 2048}  # feature dimension after global average pooling
+
+
+def base_parser():
+    """Flags shared by every pre-training script (used as `parents=[base_parser()]`).
+
+    Flags whose default is None are filled from the method's preset table (see `apply_presets`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=DATASET_NAMES, metavar="{" + ",".join(DATASET_NAMES) + "}",
+                   help="cifar10/cifar100/stl10 are downloaded by torchvision into --data-dir; imagenet and folder "
+                        "read <data-dir>/train and <data-dir>/val with ImageFolder")
+    g.add_argument("--data-dir", default="./data", help="where datasets live (and are downloaded to)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="training resolution: 32 for CIFAR, 64 for STL-10 (Appendix B.5.2), 224 for imagenet/folder "
+                        "(Appendix B.5.1)")
+    g.add_argument("--eval-split", default="test", choices=("val", "test"),
+                   help="val: the held-out split of Appendix B.4 (pre-training then uses the rest of the train set; "
+                        "for tuning); test: the official test split (for reporting)")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+
+    g = p.add_argument_group("model (Appendix B.1)")
+    g.add_argument("--arch", default=None, choices=tuple(ARCHS), help="encoder (default: preset)")
+    g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
+                   help="auto: the CIFAR stem (3x3 conv, stride 1, no max-pool) for cifar10/cifar100, as Appendix B.1 "
+                        "says; torchvision's stem for stl10, imagenet and folder")
+
+    g = p.add_argument_group("optimisation (Appendix B.2)")
+    g.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: preset); also picks the "
+                   "preset row")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="the paper's batch size per optimizer step (default: preset)")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="split each batch into N micro-batches and accumulate their gradients (Section 5.1). "
+                        "BatchNorm statistics are computed per micro-batch of batch-size/N images")
+    g.add_argument("--base-lr", type=float, default=None, help="LR_base; LR = LR_base * batch-size / 256")
+    g.add_argument("--weight-decay", type=float, default=None, help="LARS weight decay on weights (not biases/BN)")
+    g.add_argument("--warmup-epochs", type=float, default=10, help="linear LR warm-up (Appendix B.2)")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto picks cuda when available; cuda runs in bf16 autocast with channels_last")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out-dir", default=None, help="run folder (default: runs/<method>-<dataset>-<time>)")
+    g.add_argument("--resume", default=None, metavar="CHECKPOINT",
+                   help="continue the run saved in this last.pt (or its run folder) with its own settings; "
+                        "--device, --workers and --data-dir may change, other flags are taken from the checkpoint")
+    g.add_argument("--knn-every", type=int, default=5, help="weighted k-NN accuracy every N epochs and at the end "
+                   "(0: only at the end)")
+    g.add_argument("--knn-k", type=int, default=200, help="neighbours of the k-NN monitor (InstDisc)")
+    g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the k-NN vote weights exp(s/t)")
+    g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps")
+    return p
+
+
+def apply_presets(args, presets):
+    """Fill every flag left at None from `presets[dataset][epochs]`, the row whose epoch count is nearest.
+
+    `presets` maps a dataset to {epochs: {flag: value}}; the first epochs key is the dataset's default."""
+    table = presets[args.dataset]
+    if args.epochs is None:
+        args.epochs = next(iter(table))
+    key = min(table, key=lambda e: abs(e - args.epochs))
+    for name, value in table[key].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    args.preset = f"{args.dataset}/{key} epochs"
+    if args.image_size is None:
+        args.image_size = DATASETS[args.dataset].image_size
+    return args
+
+
+def check_args(args):
+    """Checks argparse cannot do; raises UserError."""
+    for name in ("epochs", "batch_size", "accum_steps", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.batch_size % args.accum_steps:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}")
+    if args.workers < 0:
+        raise UserError("--workers must be >= 0")
+
+
+def parse_args(parser, argv, presets):
+    """Parse, restore the settings of a run being resumed, fill presets, check."""
+    args = parser.parse_args(argv)
+    if args.resume:
+        path = checkpoint_path(args.resume)
+        saved = load_checkpoint(path)["args"]
+        keep = {k: getattr(args, k) for k in ("device", "workers", "data_dir")
+                if getattr(args, k) != parser.get_default(k)}  # only what was given on this command line
+        args = argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+        return args
+    apply_presets(args, presets)
+    check_args(args)
+    return args
+
+
+def print_run(args, objective):
+    """Print every argument and the objective as a formula: the run folder describes itself."""
+    print(f"# {args.method} | objective: {objective}")
+    for k, v in sorted(vars(args).items()):
+        print(f"#   {k:>14} = {v}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data (Appendix B.3, B.4)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_size: int
+    mean: tuple
+    std: tuple
+    blur_solarize: bool  # Appendix B.5.2: Gaussian blur and solarisation are omitted for CIFAR and STL-10
+    val_per_class: int   # Appendix B.4 held-out validation samples per class (0: 10 % of each class)
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), False, 500),
+    "cifar100": DatasetInfo(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), False, 50),
+    "stl10": DatasetInfo(10, 64, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), False, 50),
+    # Deviation: BYOL holds out the last 10009 images of TensorFlow's ImageNet split; we draw 10 per class
+    # (10000 images) with a fixed seed, since that split's file order is not part of an ImageFolder.
+    "imagenet": DatasetInfo(1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True, 10),
+    # Not in the paper: your own images in class folders, ImageNet statistics and augmentations.
+    "folder": DatasetInfo(0, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True, 0),
+}
+
+
+def holdout_split(targets, per_class, seed=0):
+    """Appendix B.4: hold out `per_class` random samples of each class (10 % when 0), the same in every run.
+
+    Returns (train_indices, val_indices) as sorted lists."""
+    targets = torch.as_tensor(targets)
+    g = torch.Generator().manual_seed(seed)
+    val = []
+    for c in targets.unique().tolist():
+        idx = (targets == c).nonzero().flatten()
+        n = per_class or max(1, len(idx) // 10)
+        val.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    val = torch.cat(val).sort().values
+    keep = torch.ones(len(targets), dtype=torch.bool)
+    keep[val] = False
+    return keep.nonzero().flatten().tolist(), val.tolist()
+
+
+@dataclass
+class Data:
+    pretrain: Dataset  # images for self-supervised training (labels unused)
+    bank: Dataset      # labelled training images: the k-NN memory bank and the linear probe's training set
+    eval: Dataset      # labelled val or test images
+    num_classes: int
+
+
+def _targets(ds):
+    return ds.labels if hasattr(ds, "labels") else ds.targets
+
+
+def load_data(dataset, data_dir, eval_split):
+    """Datasets as PIL images through torchvision's own loaders (Appendix B.4 splits)."""
+    info, root = DATASETS[dataset], Path(data_dir)
+    tv = torchvision.datasets
+    try:
+        if dataset in ("cifar10", "cifar100"):
+            cls = tv.CIFAR10 if dataset == "cifar10" else tv.CIFAR100
+            train, test = cls(root, train=True, download=True), cls(root, train=False, download=True)
+            unlabeled = train
+        elif dataset == "stl10":  # Appendix B.4: pre-train on the unlabeled split
+            unlabeled = tv.STL10(root, split="unlabeled", download=True)
+            train, test = tv.STL10(root, split="train", download=True), tv.STL10(root, split="test", download=True)
+        else:
+            for sub in ("train", "val"):
+                if not (root / sub).is_dir():
+                    raise UserError(f"{dataset} expects image folders {root / 'train'} and {root / 'val'}; "
+                                    f"{root / sub} does not exist")
+            train, test = tv.ImageFolder(root / "train"), tv.ImageFolder(root / "val")
+            unlabeled = train
+    except UserError:
+        raise
+    except Exception as e:  # no network, corrupt files, ...: one line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load {dataset} from {root}: {msg}") from e
+    num_classes = info.num_classes or len(train.classes)
+    if eval_split == "test":
+        return Data(unlabeled, train, test, num_classes)
+    train_idx, val_idx = holdout_split(_targets(train), info.val_per_class)
+    pretrain = unlabeled if unlabeled is not train else Subset(train, train_idx)
+    return Data(pretrain, Subset(train, train_idx), Subset(train, val_idx), num_classes)
+
+
+class Transformed(Dataset):
+    """(transform(image), label) over a dataset of (PIL image, label)."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+class TwoViews(Dataset):
+    """Both views of one image. Indexed by (index, seed): the augmentations of a sample are a pure function of its
+    seed, so a run resumed in the middle of an epoch sees exactly the views of the uninterrupted run."""
+
+    def __init__(self, base, view1, view2):
+        self.base, self.view1, self.view2 = base, view1, view2
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, seed = key
+        image = self.base[index][0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.view1(image), self.view2(image)
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Micro-batches of (index, augmentation seed) for one epoch, drawn from (seed, epoch) alone.
+
+    An epoch is `steps` optimizer steps of `accum` micro-batches; the incomplete last batch is dropped."""
+
+    def __init__(self, n, micro_batch, steps, accum, seed):
+        self.n, self.micro_batch, self.steps, self.accum, self.seed = n, micro_batch, steps, accum, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step * self.accum
+
+    def __len__(self):
+        return self.steps * self.accum - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(2**62, (self.n,), generator=g)
+        m = self.micro_batch
+        for b in range(self.start, self.steps * self.accum):
+            yield list(zip(order[b * m:(b + 1) * m].tolist(), seeds[b * m:(b + 1) * m].tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentations (Appendix B.5)
+# ----------------------------------------------------------------------------------------------------------------
+def blur_kernel_size(image_size):
+    """23x23 at 224 px (Appendix B.5), scaled with the image size to the nearest odd size."""
+    return max(3, 2 * round((23 * image_size / 224 - 1) / 2) + 1)
+
+
+def ssl_augmentation(dataset, image_size, blur_p, solarize_p):
+    """One view of Appendix B.5, in the paper's order: crop, flip, colour jitter, grayscale, blur, solarise."""
+    info = DATASETS[dataset]
+    ops = [
+        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        # ColorJitter applies brightness, contrast, saturation and hue in a random order for each image.
+        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),  # luma 0.2989 r + 0.587 g + 0.114 b
+    ]
+    if info.blur_solarize and blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=blur_p))
+    ops.append(T.ToTensor())
+    if info.blur_solarize and solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=0.5, p=solarize_p))  # x -> 1 - x where x >= 0.5, on [0, 1]
+    ops.append(T.Normalize(info.mean, info.std))
+    return T.Compose(ops)
+
+
+def eval_transform(dataset, image_size):
+    """Appendix B.5.1/B.5.2: CIFAR centre crop 28 then resize 32; STL-10 56 then 64 (after resizing the 96 px
+    images to 64); ImageNet resize 256 then centre crop 224. Other sizes scale these ratios."""
+    info = DATASETS[dataset]
+    bicubic = T.InterpolationMode.BICUBIC
+    if info.blur_solarize:  # ImageNet-style
+        ops = [T.Resize(round(image_size * 256 / 224), interpolation=bicubic), T.CenterCrop(image_size)]
+    else:
+        ops = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(round(image_size * 7 / 8)),
+               T.Resize(image_size, interpolation=bicubic)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+def probe_transform(dataset, image_size):
+    """Linear-probe training augmentation: random resized crop and horizontal flip (BYOL / SimCLR protocol)."""
+    info = DATASETS[dataset]
+    return T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model (Appendix B.1, Section 3.6)
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_stem(stem, dataset):
+    """Appendix B.1 changes the stem 'for the CIFAR datasets' only, so STL-10 (64 px) keeps torchvision's."""
+    if stem != "auto":
+        return stem
+    return "cifar" if dataset in ("cifar10", "cifar100") else "imagenet"
+
+
+def build_encoder(arch, stem):
+    """torchvision ResNet with `fc` removed, so it outputs the pooled feature (512 or 2048 wide).
+
+    stem='cifar' (Appendix B.1): conv1 becomes 3x3 with stride 1 and the max-pool is removed."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net, ARCHS[arch]
+
+
+def mlp(in_dim, hidden_dim=4096, out_dim=256):
+    """Projector g and predictor q of Section 3.6: Linear -> BatchNorm -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation (Appendix B.2)
+# ----------------------------------------------------------------------------------------------------------------
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al., 2017) as used by SimCLR and BYOL (Appendix B.2).
+
+    For a weight w with ndim > 1 and gradient g:   u = g + wd * w,   u <- eta * ||w|| / ||u|| * u
+    For biases and BatchNorm parameters (ndim <= 1):   u = g   (no weight decay, no trust ratio)
+    Then, with momentum m:   v <- m * v + lr * u,   w <- w - v
+    """
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, trust_coefficient=1e-3):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                u = w.grad
+                if w.ndim > 1:
+                    u = u.add(w, alpha=group["weight_decay"])
+                    w_norm, u_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(u)
+                    trust = torch.where((w_norm > 0) & (u_norm > 0),
+                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
+                    u = u * trust
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                v = state["momentum_buffer"]
+                v.mul_(group["momentum"]).add_(u, alpha=group["lr"])
+                w.sub_(v)
+
+
+def lr_at(step, total_steps, warmup_steps, peak_lr):
+    """Appendix B.2: linear warm-up from 0 to peak_lr over warmup_steps, then cosine decay to 0 at total_steps.
+    peak_lr = LR_base * batch / 256."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def ema_tau(step, total_steps, tau_base):
+    """Appendix B.2: tau = 1 - (1 - tau_base) * (cos(pi k / K) + 1) / 2, from tau_base at k=0 to 1 at k=K."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * step / total_steps) + 1) / 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: weighted k-NN monitor, uniformity and alignment
+# ----------------------------------------------------------------------------------------------------------------
+def knn_predict(bank, bank_labels, queries, num_classes, k=200, t=0.1):
+    """Weighted k-NN of InstDisc (Wu et al., 2018): the k bank features most cosine-similar to a query vote for
+    their class with weight exp(s / t). bank (M, D) and queries (Q, D) are L2-normalised. Returns (Q, C) scores."""
+    scores = []
+    for q in queries.split(1024):
+        s, idx = (q @ bank.T).topk(min(k, len(bank)), dim=1)       # (Q', k)
+        votes = torch.zeros(len(q), num_classes, device=q.device)
+        scores.append(votes.scatter_add_(1, bank_labels[idx], (s / t).exp()))
+    return torch.cat(scores)
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """Evaluate without touching training state: eval mode (BatchNorm statistics frozen), no autograd, and every
+    submodule's train/eval flag restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def extract_features(encoder, loader, device, normalize=True):
+    """Encoder features (L2-normalised unless normalize=False) and labels of a whole loader, in fp32."""
+    feats, labels = [], []
+    with eval_mode(encoder):
+        for x, y in loader:
+            with autocast(device):
+                f = encoder(to_device(x, device)).float()
+            feats.append(F.normalize(f, dim=1) if normalize else f)
+            labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_accuracy(encoder, bank_loader, eval_loader, num_classes, device, k=200, t=0.1):
+    """Top-1 (%) of the weighted k-NN classifier: bank = labelled train split, queries = eval split."""
+    bank, bank_labels = extract_features(encoder, bank_loader, device)
+    queries, labels = extract_features(encoder, eval_loader, device)
+    pred = knn_predict(bank, bank_labels, queries, num_classes, k, t).argmax(1)
+    return 100.0 * (pred == labels).float().mean().item()
+
+
+def eval_loaders(data, dataset, image_size, batch_size, workers, pin):
+    tf = eval_transform(dataset, image_size)
+    kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin, worker_init_fn=_workers_ignore_signals)
+    return DataLoader(Transformed(data.bank, tf), **kw), DataLoader(Transformed(data.eval, tf), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(x, device):
+    if device.type == "cuda":
+        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return x.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def checkpoint_path(path):
+    """Accept a checkpoint file or a run folder holding last.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path):
+    """Read one of our checkpoints with weights_only=True, so a downloaded file cannot run code."""
+    path = checkpoint_path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable hyperreg checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not a hyperreg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    return ckpt
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_states(device):
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def encoder_state(model):
+    """The online encoder's weights, loadable into the torchvision ResNet with the same stem and fc = Identity."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
+
+
+def encoder_from_checkpoint(ckpt):
+    """Rebuild the online encoder f_theta stored in any method's checkpoint."""
+    args = ckpt["args"]
+    encoder, dim = build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]))
+    prefix = "encoder."
+    encoder.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    return encoder, dim
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------------
+def train_step(model, optimizer, loss_fn, micro_batches, accum_steps, device):
+    """One optimizer step over `accum_steps` micro-batches (Section 5.1: gradients averaged over N consecutive
+    micro-batches before the update). Each micro-batch loss is scaled by 1/N, so the summed gradient is the
+    gradient of the mean loss over the whole batch. Returns the batch-mean of each logged term (on device)."""
+    totals = {}
+    for _ in range(accum_steps):
+        x1, x2 = next(micro_batches)
+        with autocast(device):
+            loss, terms = loss_fn(model, to_device(x1, device), to_device(x2, device))
+        (loss / accum_steps).backward()
+        for name, value in {"loss": loss, **terms}.items():
+            totals[name] = totals.get(name, 0.0) + value.detach().float() / accum_steps
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def _workers_ignore_signals(worker_id):
+    # Only the main process reacts to Ctrl-C / SIGTERM; a worker killed by them would crash the loader instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class StopSignal:
+    """SIGTERM (cluster pre-emption) and Ctrl-C set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def prepare_run_folder(args, method):
+    """Create the run folder; refuse to overwrite a checkpoint that is not being resumed."""
+    if args.out_dir is None:
+        args.out_dir = str(Path("runs") / f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out_dir)
+    if not args.resume and (out / "last.pt").exists():
+        raise UserError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
+                        f"or choose another --out-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
+    """The self-supervised training loop shared by every method.
+
+    model        nn.Module with an online encoder at `model.encoder` (the one evaluated and exported)
+    loss_fn      (model, x1, x2) -> (loss, {name: scalar tensor}); the loss and each named term are logged
+    views        ((blur_p, solarize_p) of view 1, of view 2): Appendix B.5 augmentation probabilities
+    after_step   (model, step, total_steps) -> {name: float}, called once per optimizer step (e.g. the EMA)
+    Returns 0 when training finished, 128 + signal number when it was stopped by a signal (checkpoint saved).
+    """
+    args.method = getattr(args, "method", None) or "pretrain"
+    device = resolve_device(args.device)
+    data = load_data(args.dataset, args.data_dir, args.eval_split)  # fails before anything is written
+    micro = args.batch_size // args.accum_steps
+    steps_per_epoch = len(data.pretrain) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    peak_lr = args.base_lr * args.batch_size / 256  # Appendix B.2: LR = LR_base * BatchSize / 256
+
+    out = prepare_run_folder(args, args.method)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
+    step, start_epoch = 0, 0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, start_epoch = ckpt["step"], ckpt["epoch"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        print(f"# resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    else:
+        print_run(args, objective)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+
+    pin = device.type == "cuda"
+    train_set = TwoViews(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
+    sampler = EpochBatches(len(train_set), micro, steps_per_epoch, args.accum_steps, args.seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
+                        persistent_workers=args.workers > 0, worker_init_fn=_workers_ignore_signals)
+    bank_loader, eval_loader = eval_loaders(data, args.dataset, args.image_size, 512, args.workers, pin)
+
+    def checkpoint(epoch):
+        save_atomic({"format": CHECKPOINT_FORMAT, "method": args.method, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                     "rng": rng_states(device), "args": vars(args), "argv": sys.argv}, out / "last.pt")
+
+    def check_finite(loss_sum, where):
+        if not math.isfinite(loss_sum):
+            raise UserError(f"non-finite loss ({loss_sum}) {where}; stopped without saving, the last good "
+                            f"checkpoint {out / 'last.pt'} is intact")
+
+    def stopped(signum):
+        print(f"stopped by signal {signum} at step {step}; saved {out / 'last.pt'}; continue with --resume {out}",
+              file=sys.stderr)
+        return 128 + signum
+
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            start_step = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+            sampler.set_epoch(epoch, start_step)
+            model.train()
+            sums, extra, t0 = {}, {}, time.time()
+            bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}",
+                       dynamic_ncols=True, mininterval=1.0, leave=False)
+            batches = iter(loader)
+            for _ in range(start_step, steps_per_epoch):
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                terms = train_step(model, optimizer, loss_fn, batches, args.accum_steps, device)
+                extra = after_step(model, step, total_steps) if after_step else {}
+                step += 1
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                bar.update(1)
+                done = step - epoch * steps_per_epoch - start_step
+                if done % args.log_every == 0 or stop.signum:  # reading the loss synchronises: only now and then
+                    mean = sums["loss"].item() / done
+                    check_finite(mean, f"at step {step}")
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{done * args.batch_size / (time.time() - t0):.0f}",
+                                    **{k: f"{v:.5f}" for k, v in extra.items()})
+                if stop.signum and step < (epoch + 1) * steps_per_epoch:  # at an epoch's end: finish it first
+                    bar.close()
+                    checkpoint(epoch)
+                    return stopped(stop.signum)
+            bar.close()
+            seconds = time.time() - t0
+            done = steps_per_epoch - start_step
+            row = {"epoch": epoch + 1, "step": step, **{k: v.item() / done for k, v in sums.items()},
+                   "lr": lr, **extra, "seconds": round(seconds, 3),
+                   "images_per_s": round(done * args.batch_size / seconds, 1)}
+            check_finite(row["loss"], f"in epoch {epoch + 1}")
+            if epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0):
+                t1 = time.time()
+                row["knn_top1"] = knn_accuracy(model.encoder, bank_loader, eval_loader, data.num_classes, device,
+                                               args.knn_k, args.knn_t)
+                row["knn_seconds"] = round(time.time() - t1, 3)
+            checkpoint(epoch + 1)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if stop.signum:
+                return stopped(stop.signum)
+    torch.save(encoder_state(model), out / "encoder.pt")
+    print(f"done: {out / 'last.pt'} (full run), {out / 'encoder.pt'} (torchvision ResNet weights)")
+    return 0

@@ -1,0 +1,179 @@
+"""Linear evaluation (Section 4, Appendix D) and weighted k-NN of a frozen encoder from any method's checkpoint.
+
+    python linear_eval.py --checkpoint runs/<run>/last.pt                  # 80 epochs, augmented, as the paper
+    python linear_eval.py --checkpoint runs/<run>/last.pt --precompute     # fast: probe on fixed features
+    python linear_eval.py --random-init --dataset cifar10 --arch resnet18  # baseline: untrained encoder
+
+Prints and writes top-1, top-5 (Appendix B.4) and k-NN top-1 to <checkpoint folder>/linear_eval_<split>.json.
+The encoder stays in eval mode and is checked bit-identical (weights and BatchNorm buffers) after the probe.
+"""
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+import common
+
+
+def build_parser():
+    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="last.pt of any method (or its run folder)")
+    src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder")
+    p.add_argument("--dataset", choices=common.DATASET_NAMES, default=None,
+                   help="default: the checkpoint's (required with --random-init)")
+    p.add_argument("--arch", choices=tuple(common.ARCHS), default="resnet18", help="with --random-init only")
+    p.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto", help="with --random-init only")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's / the dataset's")
+    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--eval-split", default="test", choices=("val", "test"),
+                   help="val: held-out split of Appendix B.4 (tuning); test: official test split (reporting)")
+    g = p.add_argument_group("linear probe (Appendix D)")
+    g.add_argument("--epochs", type=int, default=80, help="ft_epochs, Appendix D")
+    g.add_argument("--batch-size", type=int, default=100, help="ft_batch_size, Appendix D")
+    g.add_argument("--lr", type=float, default=0.2, help="ft_learning_rate, Appendix D; cosine decay to 0")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="ft_weight_decay, Appendix D")
+    g.add_argument("--precompute", action="store_true",
+                   help="fast mode: features of the un-augmented images computed once, the probe trained on them "
+                        "(no random crop/flip)")
+    g.add_argument("--knn-k", type=int, default=200, help="weighted k-NN neighbours")
+    g.add_argument("--knn-t", type=float, default=0.1, help="weighted k-NN temperature")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--workers", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=None, help="JSON result file (default: next to the checkpoint)")
+    return p
+
+
+def frozen_encoder(args):
+    """The encoder to evaluate and the settings it was trained with."""
+    if args.random_init:
+        if args.dataset is None:
+            raise common.UserError("--random-init needs --dataset")
+        torch.manual_seed(args.seed)
+        encoder, dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset))
+        trained = {"dataset": args.dataset, "data_dir": "./data", "arch": args.arch, "stem": args.stem,
+                   "image_size": common.DATASETS[args.dataset].image_size, "method": "random-init"}
+    else:
+        ckpt = common.load_checkpoint(args.checkpoint)
+        encoder, dim = common.encoder_from_checkpoint(ckpt)
+        trained = ckpt["args"]
+    return encoder.requires_grad_(False).eval(), dim, trained
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def sanity_check(module, before):
+    """The probe must not change the frozen encoder: every weight and BatchNorm buffer bit-identical."""
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), before[k].cpu())]
+    if changed:
+        raise RuntimeError(f"the frozen encoder changed during linear evaluation: {changed[:5]}")
+
+
+def accuracy(logits, labels, k):
+    """Top-k accuracy (%): the label is among the k highest scores (Appendix B.4)."""
+    k = min(k, logits.shape[1])
+    return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
+
+
+def train_probe(probe, loader, encode, args, device):
+    """SGD with momentum and a per-step cosine LR from args.lr to 0 (Appendix D), cross-entropy on encode(x)."""
+    opt = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    total, step = args.epochs * len(loader), 0
+    for _ in tqdm(range(args.epochs), desc="linear probe", dynamic_ncols=True, mininterval=1.0):
+        for x, y in loader:
+            for group in opt.param_groups:
+                group["lr"] = common.lr_at(step, total, 0, args.lr)
+            loss = F.cross_entropy(probe(encode(x)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return loss.item()
+
+
+def result_path(args, dataset):
+    if args.out:
+        return Path(args.out)
+    if args.checkpoint:
+        folder = common.checkpoint_path(args.checkpoint).parent
+    else:
+        folder = Path("runs") / f"random-init-{dataset}-{args.arch}"
+    return folder / f"linear_eval_{args.eval_split}.json"
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = common.resolve_device(args.device)
+    encoder, dim, trained = frozen_encoder(args)
+    dataset = args.dataset or trained["dataset"]
+    if dataset != trained["dataset"] and args.image_size is None:
+        image_size = common.DATASETS[dataset].image_size
+    else:
+        image_size = args.image_size or trained["image_size"]
+    data_dir = args.data_dir or trained["data_dir"]
+    data = common.load_data(dataset, data_dir, args.eval_split)
+    if args.eval_split == "val" and trained.get("eval_split") == "test":
+        print("# note: the encoder was pre-trained on the full train set, which includes the val images (unlabelled)")
+    out = result_path(args, dataset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    encoder.to(device)
+    if device.type == "cuda":
+        encoder.to(memory_format=torch.channels_last)
+    before = snapshot(encoder)
+    torch.manual_seed(args.seed)
+    probe = nn.Linear(dim, data.num_classes).to(device)
+    pin = device.type == "cuda"
+    bank_loader, eval_loader = common.eval_loaders(data, dataset, image_size, 512, args.workers, pin)
+    t0 = time.time()
+    print(f"# linear evaluation of {args.checkpoint or 'a random encoder'} on {dataset} ({args.eval_split}), "
+          f"{len(data.bank)} train / {len(data.eval)} eval images, {args.epochs} epochs"
+          + (", precomputed features" if args.precompute else ""))
+
+    # One pass over each split: the eval transform is deterministic, so these are the features the probe sees at
+    # test time, and (with --precompute) its training set.
+    bank, bank_labels = common.extract_features(encoder, bank_loader, device, normalize=False)
+    queries, labels = common.extract_features(encoder, eval_loader, device, normalize=False)
+    knn = common.knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), data.num_classes,
+                             args.knn_k, args.knn_t).argmax(1)
+    knn_top1 = 100.0 * (knn == labels).float().mean().item()
+
+    g = torch.Generator().manual_seed(args.seed)
+    if args.precompute:
+        loader = DataLoader(TensorDataset(bank, bank_labels), batch_size=args.batch_size, shuffle=True, generator=g)
+        encode = lambda f: f  # noqa: E731
+    else:
+        loader = DataLoader(common.Transformed(data.bank, common.probe_transform(dataset, image_size)),
+                            batch_size=args.batch_size, shuffle=True, generator=g, num_workers=args.workers,
+                            pin_memory=pin)
+
+        def encode(x):
+            with torch.no_grad(), common.autocast(device):
+                return encoder(common.to_device(x, device)).float()
+    with common.eval_mode(encoder), torch.enable_grad():
+        last_loss = train_probe(probe, loader, encode, args, device)
+    with torch.no_grad():
+        logits = probe(queries)
+    sanity_check(encoder, before)
+
+    result = {"checkpoint": args.checkpoint, "method": trained.get("method"), "dataset": dataset,
+              "eval_split": args.eval_split, "top1": accuracy(logits, labels, 1), "top5": accuracy(logits, labels, 5),
+              "knn_top1": knn_top1, "knn_k": args.knn_k, "epochs": args.epochs, "precompute": args.precompute,
+              "final_train_loss": last_loss, "encoder_unchanged": True, "seconds": round(time.time() - t0, 1)}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  knn_top1 {knn_top1:.2f}  -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.cli(main)

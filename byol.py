@@ -71,11 +71,11 @@ class BYOL(nn.Module):
 
     Any encoder module works: it maps images (B, 3, H, W) to features (B, feature_dim)."""
 
-    def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256):
+    def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256, batchnorm=True):
         super().__init__()
-        self.encoder = encoder                                            # f_theta
-        self.projector = common.mlp(feature_dim, hidden_dim, proj_dim)    # g_theta
-        self.predictor = common.mlp(proj_dim, hidden_dim, proj_dim)       # q_theta
+        self.encoder = encoder                                                       # f_theta
+        self.projector = common.mlp(feature_dim, hidden_dim, proj_dim, batchnorm)    # g_theta
+        self.predictor = common.mlp(proj_dim, hidden_dim, proj_dim, batchnorm)       # q_theta
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)      # f_xi
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)  # g_xi
 
@@ -130,13 +130,13 @@ OBJECTIVE = "L = L_BYOL (Eq. 3) = ||q(z1)/|q(z1)| - z'2/|z'2|||^2 + ||q(z2)/|q(z
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(args, encoder=None, feature_dim=None):
     if encoder is None:
-        encoder, feature_dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset))
-    return BYOL(encoder, feature_dim, args.hidden_dim, args.proj_dim)
+        encoder, feature_dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset),
+                                                    args.batchnorm)
+    return BYOL(encoder, feature_dim, args.hidden_dim, args.proj_dim, args.batchnorm)
 
 
 def train(args, model=None, extra_terms=None, objective=OBJECTIVE):
     """Pre-train BYOL (plus the variants' `extra_terms`); returns common.pretrain's exit status."""
-    args.method = getattr(args, "method", None) or "byol"
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
 
@@ -149,8 +149,8 @@ def train(args, model=None, extra_terms=None, objective=OBJECTIVE):
                            views=VIEWS, after_step=after_step, objective=objective)
 
 
-def parse_args(argv=None, parser=None):
-    return common.parse_args(parser or build_parser(), argv, PRESETS)
+def parse_args(argv=None, parser=None, method="byol"):
+    return common.parse_args(parser or build_parser(), argv, PRESETS, method)
 
 
 def main(argv=None):

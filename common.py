@@ -89,12 +89,16 @@ def base_parser():
                    help="val: the held-out split of Appendix B.4 (pre-training then uses the rest of the train set; "
                         "for tuning); test: the official test split (for reporting)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    g.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="use only the first N images of each split: a quick smoke run, not a result")
 
     g = p.add_argument_group("model (Appendix B.1)")
     g.add_argument("--arch", default=None, choices=tuple(ARCHS), help="encoder (default: preset)")
     g.add_argument("--stem", default="auto", choices=("auto", "cifar", "imagenet"),
                    help="auto: the CIFAR stem (3x3 conv, stride 1, no max-pool) for cifar10/cifar100, as Appendix B.1 "
                         "says; torchvision's stem for stl10, imagenet and folder")
+    g.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
+                   help="remove every BatchNorm from the encoder and the MLP heads (Table 4, 'BN x')")
 
     g = p.add_argument_group("optimisation (Appendix B.2)")
     g.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: preset); also picks the "
@@ -120,6 +124,9 @@ def base_parser():
                    "(0: only at the end)")
     g.add_argument("--knn-k", type=int, default=200, help="neighbours of the k-NN monitor (InstDisc)")
     g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the k-NN vote weights exp(s/t)")
+    g.add_argument("--analysis-samples", type=int, default=1024,
+                   help="eval images for the uniformity analysis logged with each k-NN evaluation: uniformity, "
+                        "alignment, MHE per sub-network, energy per ResNet stage (Figs. 4, 5); 0 turns it off")
     g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps")
     return p
 
@@ -143,7 +150,7 @@ def apply_presets(args, presets):
 
 def check_args(args):
     """Checks argparse cannot do; raises UserError."""
-    for name in ("epochs", "batch_size", "accum_steps", "image_size"):
+    for name in ("epochs", "batch_size", "accum_steps", "image_size", "subset"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.batch_size % args.accum_steps:
@@ -152,16 +159,18 @@ def check_args(args):
         raise UserError("--workers must be >= 0")
 
 
-def parse_args(parser, argv, presets):
+def parse_args(parser, argv, presets, method):
     """Parse, restore the settings of a run being resumed, fill presets, check."""
     args = parser.parse_args(argv)
     if args.resume:
         path = checkpoint_path(args.resume)
         saved = load_checkpoint(path)["args"]
+        if saved.get("method") != method:
+            raise UserError(f"{path} is a {saved.get('method')} run; resume it with {saved.get('method')}.py")
         keep = {k: getattr(args, k) for k in ("device", "workers", "data_dir")
                 if getattr(args, k) != parser.get_default(k)}  # only what was given on this command line
-        args = argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
-        return args
+        return argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+    args.method = method
     apply_presets(args, presets)
     check_args(args)
     return args
@@ -228,8 +237,9 @@ def _targets(ds):
     return ds.labels if hasattr(ds, "labels") else ds.targets
 
 
-def load_data(dataset, data_dir, eval_split):
-    """Datasets as PIL images through torchvision's own loaders (Appendix B.4 splits)."""
+def load_data(dataset, data_dir, eval_split, subset=None):
+    """Datasets as PIL images through torchvision's own loaders (Appendix B.4 splits); `subset` keeps the first
+    N images of each split."""
     info, root = DATASETS[dataset], Path(data_dir)
     tv = torchvision.datasets
     try:
@@ -254,10 +264,15 @@ def load_data(dataset, data_dir, eval_split):
         raise UserError(f"cannot load {dataset} from {root}: {msg}") from e
     num_classes = info.num_classes or len(train.classes)
     if eval_split == "test":
-        return Data(unlabeled, train, test, num_classes)
-    train_idx, val_idx = holdout_split(_targets(train), info.val_per_class)
-    pretrain = unlabeled if unlabeled is not train else Subset(train, train_idx)
-    return Data(pretrain, Subset(train, train_idx), Subset(train, val_idx), num_classes)
+        data = Data(unlabeled, train, test, num_classes)
+    else:
+        train_idx, val_idx = holdout_split(_targets(train), info.val_per_class)
+        pretrain = unlabeled if unlabeled is not train else Subset(train, train_idx)
+        data = Data(pretrain, Subset(train, train_idx), Subset(train, val_idx), num_classes)
+    if subset:
+        first = lambda ds: Subset(ds, range(min(subset, len(ds))))  # noqa: E731
+        data = Data(first(data.pretrain), first(data.bank), first(data.eval), num_classes)
+    return data
 
 
 class Transformed(Dataset):
@@ -374,13 +389,15 @@ def resolve_stem(stem, dataset):
     return "cifar" if dataset in ("cifar10", "cifar100") else "imagenet"
 
 
-def build_encoder(arch, stem):
+def build_encoder(arch, stem, batchnorm=True):
     """torchvision ResNet with `fc` removed, so it outputs the pooled feature (512 or 2048 wide).
 
-    stem='cifar' (Appendix B.1): conv1 becomes 3x3 with stride 1 and the max-pool is removed."""
+    stem='cifar' (Appendix B.1): conv1 becomes 3x3 with stride 1 and the max-pool is removed.
+    batchnorm=False replaces every BatchNorm by the identity (Table 4)."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
-    net = getattr(torchvision.models, arch)(weights=None)
+    norm_layer = None if batchnorm else (lambda channels: nn.Identity())
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -388,10 +405,10 @@ def build_encoder(arch, stem):
     return net, ARCHS[arch]
 
 
-def mlp(in_dim, hidden_dim=4096, out_dim=256):
+def mlp(in_dim, hidden_dim=4096, out_dim=256, batchnorm=True):
     """Projector g and predictor q of Section 3.6: Linear -> BatchNorm -> ReLU -> Linear."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+    norm = nn.BatchNorm1d(hidden_dim) if batchnorm else nn.Identity()
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,6 +475,58 @@ def knn_predict(bank, bank_labels, queries, num_classes, k=200, t=0.1):
     return torch.cat(scores)
 
 
+def fp32(x):
+    """Leave any autocast region: these measures are computed in float32 (a bf16 exp/arccos is too coarse)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def uniformity_loss(z, t=2.0):
+    """Eq. 2 (Wang & Isola, 2020): log of the mean of exp(-t ||z_i - z_j||^2) over the distinct pairs of the
+    L2-normalised rows of z (B, D). Lower is more uniform on the hypersphere."""
+    with fp32(z):
+        z = F.normalize(z.float(), dim=1)
+        return torch.pdist(z, p=2).pow(2).mul(-t).exp().mean().log()
+
+
+def alignment_loss(x, y, alpha=2):
+    """Eq. A.1: mean of ||x_i - y_i||^alpha over positive pairs of L2-normalised rows of x, y (B, D)."""
+    with fp32(x):
+        x, y = F.normalize(x.float(), dim=1), F.normalize(y.float(), dim=1)
+        return (x - y).norm(dim=1).pow(alpha).mean()
+
+
+MHE_POWERS = ("0", "1", "2", "a0", "a1", "a2")
+MHE_EPS = 1e-6  # keeps identical / opposite neurons finite: squared distances >= eps, cosines inside [-1+eps, 1-eps]
+
+
+def hyperspherical_energy(weight, power):
+    """Hyperspherical energy of one layer's neurons (Liu et al., 2018), normalised by 1 / (N (N - 1)) as in Eq. 7.
+
+    A neuron is a row of a linear weight (N, d) or an output filter of a conv weight (N, C, k, k) flattened to
+    C*k*k; neurons are projected onto the unit sphere. power: "0", "1", "2" use the Euclidean distance
+    d_ij = ||w_i - w_j|| (Eq. 5), "a0", "a1", "a2" the angle d_ij = arccos(w_i . w_j) (Eq. A.3); the kernel is
+    d^-s for s > 0 and log(1 / d) for s = 0. Returns sum_{i != j} r_s(d_ij) / (N (N - 1)) as a float32 scalar."""
+    if power not in MHE_POWERS:
+        raise ValueError(f"power must be one of {MHE_POWERS}, got {power!r}")
+    s = int(power[-1])
+    with fp32(weight):
+        w = F.normalize(weight.flatten(1).float(), dim=1)                  # (N, d) on the unit sphere
+        n = w.shape[0]
+        cos = w @ w.T                                                      # (N, N)
+        if power.startswith("a"):
+            d = torch.arccos(cos.clamp(-1 + MHE_EPS, 1 - MHE_EPS))         # geodesic distance, Eq. A.3
+        else:
+            d = (2 - 2 * cos).clamp_min(MHE_EPS).sqrt()                   # ||w_i - w_j||^2 = 2 - 2 cos, Eq. 5
+        r = -torch.log(d) if s == 0 else d.pow(-s)                          # Riesz s-kernel; log(1/d) for s = 0
+        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=w.device)
+        return r.masked_fill(~off_diagonal, 0).sum() / (n * (n - 1))
+
+
+def layer_weights(module):
+    """The neurons' weights of a network: every conv and linear weight (ndim > 1); biases and BatchNorm excluded."""
+    return [p for p in module.parameters() if p.ndim > 1]
+
+
 @contextlib.contextmanager
 def eval_mode(module):
     """Evaluate without touching training state: eval mode (BatchNorm statistics frozen), no autograd, and every
@@ -490,6 +559,44 @@ def knn_accuracy(encoder, bank_loader, eval_loader, num_classes, device, k=200, 
     queries, labels = extract_features(encoder, eval_loader, device)
     pred = knn_predict(bank, bank_labels, queries, num_classes, k, t).argmax(1)
     return 100.0 * (pred == labels).float().mean().item()
+
+
+SUBNETWORKS = ("encoder", "projector", "predictor")
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # torchvision ResNet stages (Fig. 4)
+
+
+def representation_analysis(model, images, dataset, image_size, views, power, device, workers=0):
+    """The paper's uniformity analysis on a fixed set of eval images (labels unused):
+    uniformity (Eq. 2, t=2) of the L2-normalised encoder features; alignment (Eq. A.1) between the features of
+    two augmented views of each image; the MHE objective of each sub-network with `power` (Fig. 5b); and the
+    hyperspherical energy of each ResNet stage's globally pooled output over the images (Fig. 4)."""
+    encoder = model.encoder
+    pooled = {name: [] for name in STAGES if hasattr(encoder, name)}
+    hooks = [getattr(encoder, name).register_forward_hook(
+        lambda module, inputs, output, name=name: pooled[name].append(output.float().mean(dim=(2, 3))))
+        for name in pooled]
+    kw = dict(batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
+    try:
+        feats, _ = extract_features(encoder, DataLoader(Transformed(images, eval_transform(dataset, image_size)),
+                                                        **kw), device)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = TwoViews(images, *(ssl_augmentation(dataset, image_size, *v) for v in views))
+    f1, f2 = [], []
+    with eval_mode(encoder):
+        for x1, x2 in DataLoader(pairs, sampler=[(i, i) for i in range(len(images))], **kw):  # fixed views
+            with autocast(device):
+                f1.append(encoder(to_device(x1, device)).float())
+                f2.append(encoder(to_device(x2, device)).float())
+        row = {"uniformity": uniformity_loss(feats).item(),
+               "alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
+        for part in SUBNETWORKS:
+            if hasattr(model, part):
+                row[f"mhe_{part}"] = sum(hyperspherical_energy(w, power).item() for w in layer_weights(getattr(model, part)))
+        for name, outputs in pooled.items():
+            row[f"energy_{name}"] = hyperspherical_energy(torch.cat(outputs), power).item()
+    return row
 
 
 def eval_loaders(data, dataset, image_size, batch_size, workers, pin):
@@ -573,7 +680,7 @@ def encoder_state(model):
 def encoder_from_checkpoint(ckpt):
     """Rebuild the online encoder f_theta stored in any method's checkpoint."""
     args = ckpt["args"]
-    encoder, dim = build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]))
+    encoder, dim = build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True))
     prefix = "encoder."
     encoder.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
     return encoder, dim
@@ -644,9 +751,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     after_step   (model, step, total_steps) -> {name: float}, called once per optimizer step (e.g. the EMA)
     Returns 0 when training finished, 128 + signal number when it was stopped by a signal (checkpoint saved).
     """
-    args.method = getattr(args, "method", None) or "pretrain"
     device = resolve_device(args.device)
-    data = load_data(args.dataset, args.data_dir, args.eval_split)  # fails before anything is written
+    data = load_data(args.dataset, args.data_dir, args.eval_split, args.subset)  # fails before anything is written
     micro = args.batch_size // args.accum_steps
     steps_per_epoch = len(data.pretrain) // args.batch_size
     if steps_per_epoch == 0:
@@ -736,7 +842,11 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 t1 = time.time()
                 row["knn_top1"] = knn_accuracy(model.encoder, bank_loader, eval_loader, data.num_classes, device,
                                                args.knn_k, args.knn_t)
-                row["knn_seconds"] = round(time.time() - t1, 3)
+                if args.analysis_samples:
+                    images = Subset(data.eval, range(min(args.analysis_samples, len(data.eval))))
+                    row.update(representation_analysis(model, images, args.dataset, args.image_size, views,
+                                                       getattr(args, "pow", None) or "a2", device))
+                row["eval_seconds"] = round(time.time() - t1, 3)
             checkpoint(epoch + 1)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

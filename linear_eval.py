@@ -31,6 +31,8 @@ def build_parser():
     p.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto", help="with --random-init only")
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's / the dataset's")
     p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="use only the first N images of each split: a quick smoke run, not a result")
     p.add_argument("--eval-split", default="test", choices=("val", "test"),
                    help="val: held-out split of Appendix B.4 (tuning); test: official test split (reporting)")
     g = p.add_argument_group("linear probe (Appendix D)")
@@ -121,7 +123,7 @@ def main(argv=None):
     else:
         image_size = args.image_size or trained["image_size"]
     data_dir = args.data_dir or trained["data_dir"]
-    data = common.load_data(dataset, data_dir, args.eval_split)
+    data = common.load_data(dataset, data_dir, args.eval_split, args.subset)
     if args.eval_split == "val" and trained.get("eval_split") == "test":
         print("# note: the encoder was pre-trained on the full train set, which includes the val images (unlabelled)")
     out = result_path(args, dataset)

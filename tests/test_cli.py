@@ -40,6 +40,11 @@ def test_byol_cifar_pretrain_writes_a_self_describing_run(cifar_run):
     for key in ("epoch", "step", "loss", "byol", "lr", "tau", "knn_top1", "seconds", "images_per_s"):
         assert key in row
     assert row["step"] == 50 // 16 and 0 <= row["loss"] <= 8 and 0 <= row["knn_top1"] <= 100
+    # the paper's uniformity analysis (Figs. 4, 5), logged for plain BYOL too, with the a2 kernel
+    analysis = ["uniformity", "alignment", "mhe_encoder", "mhe_projector", "mhe_predictor"]
+    for key in analysis + [f"energy_layer{i}" for i in range(1, 5)]:
+        assert isinstance(row[key], float) and row[key] == row[key], key
+    assert -4 <= row["uniformity"] <= 0 and 0 <= row["alignment"] <= 4
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["format"] == "hyperreg-1" and ckpt["method"] == "byol" and ckpt["epoch"] == 1
     assert ckpt["args"]["arch"] == "resnet18" and ckpt["args"]["accum_steps"] == 2 and "byol.py" in ckpt["argv"][0]
@@ -84,6 +89,44 @@ def test_help_lists_presets_and_sources():
     proc = check_ok(run_script("byol.py", "--help"))
     assert "Appendix B.2" in proc.stdout and "cifar10     300 epochs" in proc.stdout
     assert "--accum-steps" in proc.stdout and "per micro-batch" in proc.stdout
+
+
+@pytest.mark.parametrize("script,flags,term", [
+    ("byol_uniformity.py", ["--accum-steps", "2"], "uniformity"),
+    ("byol_mhe.py", ["--pow", "a2"], "mhe"),
+    ("byol_mhe.py", ["--pow", "0", "--mhe-on", "encoder,projector,predictor", "--mhe-weight", "1"], "mhe"),
+    ("byol_mhe.py", ["--pow", "a2", "--mhe-on", "encoder,projector,predictor", "--no-batchnorm"], "mhe"),  # Table 4
+])
+def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
+    out = tmp_path / "run"
+    proc = check_ok(run_script(script, "--data-dir", cifar_dir, "--batch-size", "24", "--out-dir", out,
+                               *flags, *TINY))
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row[term] == row[term] and "byol" in row and "uniformity" in row
+    args = json.loads((out / "args.json").read_text())
+    if script == "byol_mhe.py":
+        assert "Eq. 7" in proc.stdout and args["pow"] == flags[1] and args["batchnorm"] == ("--no-batchnorm" not in flags)
+        assert args["mhe_weight"] == (10.0 if "--mhe-weight" not in flags else 1.0)  # Appendix C.1 default
+        assert args["mhe_on"] == (["projector", "predictor"] if "--mhe-on" not in flags else
+                                  ["encoder", "projector", "predictor"])
+        check_ok(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "1", "--workers", "0",
+                            "--precompute"))
+        assert json.loads((out / "linear_eval_test.json").read_text())["method"] == "byol_mhe"
+    else:
+        assert "Eq. 4" in proc.stdout and args["unif_weight"] == 0.125
+        assert "micro-batches of 12 images" in proc.stderr
+    # a run is resumed by the script that made it
+    check_one_line_error(run_script("byol.py", "--resume", out), f"resume it with {script}")
+
+
+@pytest.mark.parametrize("flags,text", [
+    (["--pow", "3"], "invalid choice: '3'"),
+    (["--mhe-on", "encoder,head"], "subset of encoder,projector,predictor"),
+    (["--mhe-on", ""], "subset of encoder,projector,predictor"),
+])
+def test_bad_mhe_flags(flags, text, tmp_path):
+    check_one_line_error(run_script("byol_mhe.py", *flags, "--out-dir", tmp_path / "run"), text)
+    assert not (tmp_path / "run").exists()
 
 
 # --- bad input: one line on stderr, non-zero exit, nothing lost ---------------------------------------------------

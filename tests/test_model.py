@@ -77,3 +77,10 @@ def test_exported_encoder_loads_into_torchvision(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(net.eval()(x), model.encoder.eval()(x))
+
+
+def test_no_batchnorm_removes_every_batchnorm():
+    enc, dim = common.build_encoder("resnet18", "cifar", batchnorm=False)
+    model = BYOL(enc, dim, hidden_dim=32, proj_dim=8, batchnorm=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))["p1"].shape == (2, 8)

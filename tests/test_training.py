@@ -147,3 +147,9 @@ def test_val_split_holds_out_from_pretraining(cifar_dir, no_md5):
     data = common.load_data("cifar10", cifar_dir, "val")
     assert len(data.eval) + len(data.bank) == 50 and len(data.pretrain) == len(data.bank)
     assert not set(data.pretrain.indices) & set(data.eval.indices)
+
+
+def test_subset_keeps_the_first_images_of_each_split(cifar_dir, no_md5):
+    data = common.load_data("cifar10", cifar_dir, "test", subset=7)
+    assert len(data.pretrain) == len(data.bank) == len(data.eval) == 7
+    assert list(data.eval.indices) == list(range(7))

@@ -1,0 +1,45 @@
+"""BYOL + L_uniformity (Section 3.4, Eq. 4): BYOL with the uniformity loss of Wang & Isola (Eq. 2) on the online
+projections, independent of the predictor.
+
+    python byol_uniformity.py --dataset cifar10        # lambda_uni = 0.125, t = 2 (Section 4)
+
+Paper: 91.48 % CIFAR-10 top-1 for ResNet-18 / 300 epochs (Table 5), 94.84 % for ResNet-50 / 1000 epochs (Table 3).
+Everything else (model, presets, training) is byol.py's; this file adds only Eq. 4 and its two flags.
+"""
+import sys
+
+import byol
+import common
+
+
+def build_parser():
+    p = byol.build_parser()
+    g = p.add_argument_group("uniformity (Section 3.4, Eq. 4)")
+    g.add_argument("--unif-weight", type=float, default=0.125, help="lambda_uni (Section 4)")
+    g.add_argument("--unif-t", type=float, default=2.0, help="t of the Gaussian potential (Section 3.4)")
+    return p
+
+
+def uniformity_term(args):
+    """Eq. 4: L = L_BYOL + lambda_uni * L_uniformity(f_theta; t), on the online projections z of both views.
+
+    The pairs come from the (micro-)batch: with --accum-steps N each micro-batch of batch/N images is its own set
+    of pairs, as in the paper's batch-size study (Section 5.1, Table C.8)."""
+    def terms(model, out):
+        uni = (common.uniformity_loss(out["z1"], args.unif_t) + common.uniformity_loss(out["z2"], args.unif_t)) / 2
+        return {"uniformity": (args.unif_weight, uni)}
+    return terms
+
+
+def main(argv=None):
+    args = byol.parse_args(argv, build_parser(), method="byol_uniformity")
+    if args.accum_steps > 1:
+        print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
+              f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)
+    objective = (f"{byol.OBJECTIVE} + {args.unif_weight} * L_uniformity(f_theta; t={args.unif_t}) (Eq. 4), "
+                 f"L_uniformity(z) = log mean_(i != j) exp(-t ||z_i - z_j||^2) (Eq. 2) on online projections")
+    return byol.train(args, extra_terms=uniformity_term(args), objective=objective)
+
+
+if __name__ == "__main__":
+    common.cli(main)

@@ -1,0 +1,147 @@
+"""Eq. 2, A.1 (uniformity, alignment), Eq. 5, A.3, 7 (hyperspherical energy, MHE), and Eq. 4 / Eq. 7 runs that
+reduce exactly to BYOL at weight 0."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import byol
+import byol_mhe
+import byol_uniformity
+import common
+from test_training import tiny_byol
+
+POWERS = common.MHE_POWERS
+
+
+def naive_energy(weight, power):
+    """Eq. 5 / Eq. A.3 written out: a double loop over neurons, divided by N (N - 1) (Eq. 7)."""
+    w = [v / v.norm() for v in weight.detach().double().flatten(1)]
+    n, s, total = len(w), int(power[-1]), 0.0
+    for i, j in itertools.permutations(range(n), 2):
+        d = math.acos(max(-1.0, min(1.0, float(w[i] @ w[j])))) if power.startswith("a") else float((w[i] - w[j]).norm())
+        total += math.log(1 / d) if s == 0 else d ** -s
+    return total / (n * (n - 1))
+
+
+# --- hyperspherical energy ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("power", POWERS)
+@pytest.mark.parametrize("shape", [(7, 5), (6, 3, 3, 3)])  # a linear weight, a conv weight
+def test_energy_matches_naive_double_loop(power, shape):
+    torch.manual_seed(1)
+    w = torch.randn(shape)
+    assert common.hyperspherical_energy(w, power).item() == pytest.approx(naive_energy(w, power), rel=1e-4)
+
+
+@pytest.mark.parametrize("power", POWERS)
+def test_energy_closed_forms(power):
+    s, angular = int(power[-1]), power.startswith("a")
+    kernel = (lambda d: math.log(1 / d)) if s == 0 else (lambda d: d ** -s)
+    antipodal = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    expect = kernel(math.pi if angular else 2.0)          # distance 2, angle pi
+    assert common.hyperspherical_energy(antipodal, power).item() == pytest.approx(expect, rel=2e-3)
+    orthonormal = torch.eye(4)
+    expect = kernel(math.pi / 2 if angular else math.sqrt(2))   # distance sqrt 2, angle pi/2
+    assert common.hyperspherical_energy(orthonormal, power).item() == pytest.approx(expect, rel=1e-5)
+
+
+@pytest.mark.parametrize("power", POWERS)
+def test_energy_invariant_to_rescaling_each_neuron(power):
+    torch.manual_seed(2)
+    w = torch.randn(9, 4)
+    scaled = w * (torch.rand(9, 1) * 5 + 0.1)
+    assert common.hyperspherical_energy(scaled, power).item() == pytest.approx(
+        common.hyperspherical_energy(w, power).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("power", POWERS)
+def test_gradient_step_lowers_energy(power):
+    torch.manual_seed(3)
+    w = torch.randn(10, 3, requires_grad=True)
+    e0 = common.hyperspherical_energy(w, power)
+    e0.backward()
+    with torch.no_grad():
+        w2 = w - 0.01 * w.grad / w.grad.norm()
+    assert common.hyperspherical_energy(w2, power).item() < e0.item()
+
+
+@pytest.mark.parametrize("power", POWERS)
+def test_duplicated_and_opposite_neurons_stay_finite(power):
+    w = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [-1.0, -2.0, -3.0], [0.5, -1.0, 0.2]], requires_grad=True)
+    e = common.hyperspherical_energy(w, power)
+    e.backward()
+    assert torch.isfinite(e) and torch.isfinite(w.grad).all()
+
+
+def test_energy_rejects_unknown_power():
+    with pytest.raises(ValueError):
+        common.hyperspherical_energy(torch.randn(3, 3), "3")
+
+
+def test_mhe_regulariser_is_eq7_sum_over_layers():
+    model = tiny_byol()
+    parts = ("projector", "predictor")
+    expect = sum(common.hyperspherical_energy(w, "a2") for p in parts for w in common.layer_weights(getattr(model, p)))
+    assert len([w for p in parts for w in common.layer_weights(getattr(model, p))]) == 4  # 2 Linear each, no BN/bias
+    assert byol_mhe.mhe_regulariser(model, parts, "a2").item() == pytest.approx(expect.item())
+
+
+# --- uniformity and alignment -----------------------------------------------------------------------------------------
+def test_uniformity_matches_literal_formula_and_is_permutation_invariant():
+    torch.manual_seed(4)
+    z = torch.randn(12, 5)
+    zn = z / z.norm(dim=1, keepdim=True)
+    pairs = [math.exp(-2 * float(((zn[i] - zn[j]) ** 2).sum())) for i, j in itertools.permutations(range(12), 2)]
+    literal = math.log(sum(pairs) / len(pairs))
+    assert common.uniformity_loss(z, t=2).item() == pytest.approx(literal, rel=1e-5)
+    assert common.uniformity_loss(z[torch.randperm(12)]).item() == pytest.approx(literal, rel=1e-5)
+    assert common.uniformity_loss(z * 7.0).item() == pytest.approx(literal, rel=1e-5)
+
+
+def test_uniformity_lower_for_spread_than_clustered_points():
+    torch.manual_seed(5)
+    spread = torch.randn(64, 3)
+    clustered = torch.tensor([1.0, 0.0, 0.0]) + 0.05 * torch.randn(64, 3)
+    assert common.uniformity_loss(spread) < common.uniformity_loss(clustered)
+
+
+def test_alignment_matches_literal_formula():
+    torch.manual_seed(6)
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    xn, yn = x / x.norm(dim=1, keepdim=True), y / y.norm(dim=1, keepdim=True)
+    literal = sum(float((xn[i] - yn[i]).norm()) ** 2 for i in range(8)) / 8
+    assert common.alignment_loss(x, y).item() == pytest.approx(literal, rel=1e-5)
+    assert common.alignment_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --- the variants reduce to BYOL ----------------------------------------------------------------------------------------
+def tiny_argv(cifar_dir, out_dir, *extra):
+    return ["--data-dir", str(cifar_dir), "--batch-size", "10", "--epochs", "1", "--workers", "0",
+            "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--out-dir", str(out_dir), *extra]
+
+
+def train_tiny(argv, module=None):
+    """A few steps of byol.py, or of the variant `module` (byol_uniformity / byol_mhe) through byol.train."""
+    if module is None:
+        args, terms = byol.parse_args(argv), None
+    else:
+        args = byol.parse_args(argv, module.build_parser(), module.__name__)
+        terms = (module.uniformity_term if module is byol_uniformity else module.mhe_term)(args)
+    model = tiny_byol()
+    assert byol.train(args, model, extra_terms=terms) == 0
+    return model.state_dict()
+
+
+def test_zero_weight_variants_equal_byol(cifar_dir, tmp_path, no_md5):
+    reference = train_tiny(tiny_argv(cifar_dir, tmp_path / "byol"))
+    uni = train_tiny(tiny_argv(cifar_dir, tmp_path / "uni", "--unif-weight", "0"), byol_uniformity)
+    mhe = train_tiny(tiny_argv(cifar_dir, tmp_path / "mhe", "--mhe-weight", "0",
+                               "--mhe-on", "encoder,projector,predictor"), byol_mhe)
+    for other in (uni, mhe):
+        for k, v in reference.items():
+            assert torch.equal(v, other[k]), k
+    # a non-zero weight does change the result
+    for module, flags in ((byol_uniformity, ["--unif-weight", "1"]), (byol_mhe, ["--mhe-weight", "10"])):
+        changed = train_tiny(tiny_argv(cifar_dir, tmp_path / f"{module.__name__}-on", *flags), module)
+        assert not torch.equal(changed["projector.0.weight"], reference["projector.0.weight"])

@@ -48,18 +48,12 @@ VIEWS = ((1.0, 0.0), (0.1, 0.2))
 def build_parser():
     """BYOL's flags on top of common.base_parser(); byol_uniformity.py and byol_mhe.py add theirs to this."""
     p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
-                      epilog=preset_table())
+                      epilog=common.preset_epilog(PRESETS, "Appendix B.2"))
     g = p.add_argument_group("BYOL (Section 3.3, Section 3.6)")
     g.add_argument("--tau-base", type=float, default=None, help="EMA tau_base, raised to 1 by a cosine (Appendix B.2)")
     g.add_argument("--hidden-dim", type=int, default=4096, help="MLP hidden width of g and q (Section 3.6)")
     g.add_argument("--proj-dim", type=int, default=256, help="projection width (Section 3.6)")
     return p
-
-
-def preset_table():
-    rows = [f"  {d:<9} {e:>5} epochs: " + ", ".join(f"{k}={v}" for k, v in row.items())
-            for d, table in PRESETS.items() for e, row in table.items()]
-    return "presets (Appendix B.2; the row nearest to --epochs is used):\n" + "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -148,6 +148,13 @@ def apply_presets(args, presets):
     return args
 
 
+def preset_epilog(presets, source):
+    """The preset table for --help."""
+    rows = [f"  {d:<9} {e:>5} epochs: " + ", ".join(f"{k}={v}" for k, v in row.items())
+            for d, table in presets.items() for e, row in table.items()]
+    return f"presets ({source}; the row nearest to --epochs is used):\n" + "\n".join(rows)
+
+
 def check_args(args):
     """Checks argparse cannot do; raises UserError."""
     for name in ("epochs", "batch_size", "accum_steps", "image_size", "subset"):

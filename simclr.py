@@ -1,0 +1,120 @@
+"""SimCLR (Chen et al., 2020): the contrastive baseline of the paper (Eq. 1; Tables 1-3, Fig. 3b), the point of
+comparison for uniformity.
+
+    python simclr.py --dataset cifar10                  # ResNet-18, 300 epochs, temperature 0.5
+    python simclr.py --dataset cifar10 --epochs 1000    # ResNet-50, Table 3
+
+Paper (its reproduction, SimCLR*): 93.81 / 70.98 / 82.40 % top-1 on CIFAR-10 / CIFAR-100 / STL-10 for ResNet-50,
+1000 epochs (Table 3). The paper does not give its SimCLR* settings: we use SimCLR's own CIFAR recipe (SimCLR
+Appendix B.9 and its official CIFAR-10 command: temperature 0.5, LR 1.0 x batch/256, weight decay 1e-6, no blur)
+at the BYOL family's batch size and epochs, and SimCLR's ImageNet recipe (temperature 0.1, LR 0.3, batch 4096).
+"""
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyperparameters: presets[dataset][epochs], the first row per dataset is its default. Any flag overrides them.
+# ----------------------------------------------------------------------------------------------------------------
+_CIFAR = dict(base_lr=1.0, weight_decay=1e-6, temperature=0.5)     # SimCLR App. B.9 / official CIFAR-10 command
+_IMAGENET = dict(base_lr=0.3, weight_decay=1e-6, temperature=0.1)  # SimCLR Section 4 / App. B.1
+PRESETS = {
+    "cifar10": {300: dict(arch="resnet18", batch_size=1024, **_CIFAR),     # batch, epochs: as byol.py (B.2)
+                1000: dict(arch="resnet50", batch_size=1024, **_CIFAR)},   # Table 3
+    "cifar100": {300: dict(arch="resnet18", batch_size=1024, **_CIFAR),
+                 1000: dict(arch="resnet50", batch_size=1024, **_CIFAR)},  # Table 3
+    "stl10": {1000: dict(arch="resnet50", batch_size=1024, **_CIFAR)},     # Table 3
+    "imagenet": {300: dict(arch="resnet50", batch_size=4096, **_IMAGENET),
+                 1000: dict(arch="resnet50", batch_size=4096, **_IMAGENET)},  # Table 1 quotes SimCLR at 1000
+    "folder": {300: dict(arch="resnet18", batch_size=512, **_IMAGENET)},   # not in the paper
+}
+
+# The BYOL family's augmentations without their asymmetry: SimCLR blurs both views with p = 0.5 and never
+# solarises (blur is off for CIFAR and STL-10 anyway, Appendix B.5.2).
+VIEWS = ((0.5, 0.0), (0.5, 0.0))
+
+
+def build_parser():
+    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
+                      epilog=common.preset_epilog(PRESETS, "SimCLR's recipes"))
+    g = p.add_argument_group("SimCLR (Eq. 1)")
+    g.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature (default: preset)")
+    g.add_argument("--proj-dim", type=int, default=128, help="projection width; the hidden width is the encoder's "
+                   "feature size (SimCLR Section 2.1)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+class SimCLR(nn.Module):
+    """Encoder f and projector g: d -> d -> proj_dim with BatchNorm (SimCLR Section 2.1). Any encoder module works."""
+
+    def __init__(self, encoder, feature_dim, proj_dim=128, batchnorm=True):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = common.mlp(feature_dim, feature_dim, proj_dim, batchnorm)
+
+    def forward(self, x1, x2):
+        """Both views in one pass, as SimCLR does (BatchNorm statistics over the 2B views): z1, z2 (B, proj_dim)."""
+        z = self.projector(self.encoder(torch.cat([x1, x2])))   # (2B, proj_dim)
+        return z.chunk(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss (Eq. 1)
+# ----------------------------------------------------------------------------------------------------------------
+def nt_xent(z1, z2, temperature):
+    """Eq. 1 as SimCLR's NT-Xent: each of the 2B L2-normalised projections is an anchor whose positive is the other
+    view of its image and whose negatives are the other 2B - 2 views of the batch; cross-entropy of the cosine
+    similarities / temperature towards the positive, averaged over the 2B anchors. z1, z2 (B, D)."""
+    b = z1.shape[0]
+    with common.fp32(z1):
+        z = F.normalize(torch.cat([z1, z2]).float(), dim=1)                         # (2B, D)
+        sim = z @ z.T / temperature                                                 # (2B, 2B)
+        self_pairs = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+        sim = sim.masked_fill(self_pairs, float("-inf"))                            # an anchor is not its own negative
+        positive = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+        return F.cross_entropy(sim, positive)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def build_model(args, encoder=None, feature_dim=None):
+    if encoder is None:
+        encoder, feature_dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset),
+                                                    args.batchnorm)
+    return SimCLR(encoder, feature_dim, args.proj_dim, args.batchnorm)
+
+
+def train(args, model=None):
+    torch.manual_seed(args.seed)
+    model = model if model is not None else build_model(args)
+    if args.accum_steps > 1:
+        print(f"warning: with --accum-steps {args.accum_steps} the negatives come from micro-batches of "
+              f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)
+
+    def loss_fn(model, x1, x2):
+        z1, z2 = model(x1, x2)
+        return nt_xent(z1, z2, args.temperature), {}
+
+    objective = (f"L = NT-Xent(z1, z2; T={args.temperature}) (Eq. 1) = mean over 2B anchors of "
+                 f"-log exp(s_pos/T) / sum_(k != anchor) exp(s_k/T), s = cosine similarity, 2B-2 negatives")
+    return common.pretrain(args, model, loss_fn, views=VIEWS, objective=objective)
+
+
+def parse_args(argv=None):
+    return common.parse_args(build_parser(), argv, PRESETS, "simclr")
+
+
+def main(argv=None):
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    common.cli(main)

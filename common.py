@@ -89,6 +89,10 @@ def base_parser():
                    help="val: the held-out split of Appendix B.4 (pre-training then uses the rest of the train set; "
                         "for tuning); test: the official test split (for reporting)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    g.add_argument("--augment", default="auto", choices=("auto", "batched", "per-image"),
+                   help="batched: the uint8 split lives on the training device and both views of a batch are made "
+                        "there, parameters drawn per image (cifar10/cifar100/stl10 only); per-image: torchvision "
+                        "transforms in DataLoader workers; auto: batched where possible")
     g.add_argument("--subset", type=int, default=None, metavar="N",
                    help="use only the first N images of each split: a quick smoke run, not a result")
 
@@ -164,6 +168,8 @@ def check_args(args):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}")
     if args.workers < 0:
         raise UserError("--workers must be >= 0")
+    if args.augment == "batched" and args.dataset not in IN_MEMORY:
+        raise UserError(f"--augment batched needs an in-memory dataset ({', '.join(IN_MEMORY)}), not {args.dataset}")
 
 
 def parse_args(parser, argv, presets, method):
@@ -216,7 +222,8 @@ DATASETS = {
 
 
 def holdout_split(targets, per_class, seed=0):
-    """Appendix B.4: hold out `per_class` random samples of each class (10 % when 0), the same in every run.
+    """Appendix B.4: hold out `per_class` random samples of each class (10 % when 0), the same in every run, and at
+    most all but one of a class (which only matters for tiny datasets).
 
     Returns (train_indices, val_indices) as sorted lists."""
     targets = torch.as_tensor(targets)
@@ -224,7 +231,7 @@ def holdout_split(targets, per_class, seed=0):
     val = []
     for c in targets.unique().tolist():
         idx = (targets == c).nonzero().flatten()
-        n = per_class or max(1, len(idx) // 10)
+        n = min(per_class or max(1, len(idx) // 10), len(idx) - 1)
         val.append(idx[torch.randperm(len(idx), generator=g)[:n]])
     val = torch.cat(val).sort().values
     keep = torch.ones(len(targets), dtype=torch.bool)
@@ -329,13 +336,51 @@ class EpochBatches(torch.utils.data.Sampler):
     def __len__(self):
         return self.steps * self.accum - self.start
 
-    def __iter__(self):
+    def plan(self):
+        """The epoch's image order and one augmentation seed per position."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        order = torch.randperm(self.n, generator=g)
-        seeds = torch.randint(2**62, (self.n,), generator=g)
+        return torch.randperm(self.n, generator=g), torch.randint(2**62, (self.n,), generator=g)
+
+    def __iter__(self):
+        order, seeds = self.plan()
         m = self.micro_batch
         for b in range(self.start, self.steps * self.accum):
             yield list(zip(order[b * m:(b + 1) * m].tolist(), seeds[b * m:(b + 1) * m].tolist()))
+
+
+IN_MEMORY = ("cifar10", "cifar100", "stl10")  # small enough to live on the training device as uint8
+
+
+def uint8_images(ds):
+    """The uint8 images (N, 3, H, W) of an in-memory torchvision dataset (CIFAR keeps (N, H, W, 3), STL-10
+    (N, 3, H, W)), through any Subsets around it."""
+    index = None
+    while isinstance(ds, Subset):
+        outer = torch.as_tensor(ds.indices, dtype=torch.long)
+        index = outer if index is None else outer[index]
+        ds = ds.dataset
+    x = torch.from_numpy(ds.data)
+    if x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return (x if index is None else x[index]).contiguous()
+
+
+class DeviceViews:
+    """Both views of each micro-batch, made by batched_view from the whole uint8 split held on the device: no
+    DataLoader, no host-to-device copy per step. Same order as EpochBatches; each micro-batch's augmentations come
+    from a generator seeded by (seed, epoch, position), so a resumed run sees the same views."""
+
+    def __init__(self, images, sampler, dataset, size, views):
+        self.images, self.sampler, self.dataset, self.size, self.views = images, sampler, dataset, size, views
+
+    def __iter__(self):
+        order, seeds = self.sampler.plan()
+        order = order.to(self.images.device)
+        m, dev = self.sampler.micro_batch, self.images.device
+        for b in range(self.sampler.start, self.sampler.steps * self.sampler.accum):
+            x = self.images[order[b * m:(b + 1) * m]]
+            g = torch.Generator(dev).manual_seed(int(seeds[b * m]))
+            yield tuple(batched_view(x, self.dataset, self.size, *v, g) for v in self.views)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,19 +391,25 @@ def blur_kernel_size(image_size):
     return max(3, 2 * round((23 * image_size / 224 - 1) / 2) + 1)
 
 
+# Appendix B.5, shared by the per-image pipeline below and the batched one (section "Batched augmentations").
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)           # area fraction; aspect ratio, log-uniform
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER_P, GRAY_P, BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
+
+
 def ssl_augmentation(dataset, image_size, blur_p, solarize_p):
-    """One view of Appendix B.5, in the paper's order: crop, flip, colour jitter, grayscale, blur, solarise."""
+    """One view of Appendix B.5 for one PIL image, in the paper's order: crop, flip, colour jitter, grayscale, blur,
+    solarise. The readable reference, and the pipeline of imagenet/folder; see batched_view for the batched one."""
     info = DATASETS[dataset]
     ops = [
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                            interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         # ColorJitter applies brightness, contrast, saturation and hue in a random order for each image.
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),  # luma 0.2989 r + 0.587 g + 0.114 b
+        T.RandomApply([T.ColorJitter(**JITTER)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),  # luma 0.2989 r + 0.587 g + 0.114 b
     ]
     if info.blur_solarize and blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=blur_p))
+        ops.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(image_size), sigma=BLUR_SIGMA)], p=blur_p))
     ops.append(T.ToTensor())
     if info.blur_solarize and solarize_p > 0:
         ops.append(T.RandomSolarize(threshold=0.5, p=solarize_p))  # x -> 1 - x where x >= 0.5, on [0, 1]
@@ -384,6 +435,191 @@ def probe_transform(dataset, image_size):
     info = DATASETS[dataset]
     return T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(info.mean, info.std)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batched augmentations: both views of a whole uint8 batch on its device, every random parameter drawn per sample
+# from the same distributions as the per-image pipeline above (torchvision.transforms.v2 applied to a batch would
+# draw one set of parameters for the whole batch). Images are floats in [0, 1] until the final normalisation.
+# ----------------------------------------------------------------------------------------------------------------
+def sample_crops(n, height, width, g, device="cpu"):
+    """torchvision's RandomResizedCrop.get_params for n images at once: up to 10 tries of area ~ U(scale) * H * W and
+    log-aspect ~ U(log ratio); the first try that fits wins; if none fits, the central crop of clamped aspect.
+    Returns (top, left, height, width), each (n,) float."""
+    area = height * width * torch.empty(n, 10, device=device).uniform_(*CROP_SCALE, generator=g)
+    aspect = torch.exp(torch.empty(n, 10, device=device).uniform_(*map(math.log, CROP_RATIO), generator=g))
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    top = torch.floor(torch.rand(n, device=device, generator=g) * (height - h + 1))
+    left = torch.floor(torch.rand(n, device=device, generator=g) * (width - w + 1))
+    # fallback when no try fits: the whole image, cut to the nearest allowed aspect ratio, centred
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        fw, fh = width, round(width / CROP_RATIO[0])
+    elif in_ratio > CROP_RATIO[1]:
+        fw, fh = round(height * CROP_RATIO[1]), height
+    else:
+        fw, fh = width, height
+    ok = fits.any(dim=1)
+    fallback = lambda value, default: torch.where(ok, value, torch.full_like(value, default))  # noqa: E731
+    return (fallback(top, (height - fh) // 2), fallback(left, (width - fw) // 2), fallback(h, fh), fallback(w, fw))
+
+
+def _cubic(x, a=-0.5):
+    """Keys' cubic convolution kernel with a = -0.5, as PIL's and torch's antialiased bicubic resampling."""
+    x = x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x <= 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resize_weights(start, length, in_size, out_size):
+    """(n, out_size, in_size) matrices M with (M @ signal) = the window [start, start + length) of each length-in_size
+    signal resized to out_size samples by antialiased bicubic interpolation, as torch.nn.functional.interpolate(
+    mode="bicubic", antialias=True) and PIL resize the cropped image: taps never leave the window."""
+    scale = (length / out_size)[:, None, None]                                  # (n, 1, 1) input px per output px
+    support = 2 * scale.clamp(min=1)                                            # 2 taps a side, wider to antialias
+    centre = scale * (torch.arange(out_size, device=start.device)[None, :, None] + 0.5)     # (n, out, 1) in window
+    x = torch.arange(in_size, device=start.device)[None, None, :] - start[:, None, None]    # (n, 1, in) in window
+    lo = torch.floor(centre - support + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.floor(centre + support + 0.5), length[:, None, None])
+    w = _cubic((x - centre + 0.5) / scale.clamp(min=1)) * ((x >= lo) & (x < hi))
+    return w / w.sum(dim=-1, keepdim=True)
+
+
+def resized_crop(images, top, left, height, width, size, flip=None):
+    """Crop each image (n, C, H, W) to its window and resize it to size x size with bicubic antialiased resampling,
+    mirrored left-right where `flip` (n,) is true: two batched matrix products, out = W_y @ image @ W_x^T."""
+    wy = resize_weights(top, height, images.shape[-2], size)                   # (n, size, H)
+    wx = resize_weights(left, width, images.shape[-1], size)                   # (n, size, W)
+    if flip is not None:
+        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
+    return torch.einsum("nyh,nchw,nxw->ncyx", wy, images, wx).clamp(0, 1)     # as uint8 images clip
+
+
+def grayscale(x):
+    """ITU-R 601 luma 0.2989 r + 0.587 g + 0.114 b (Appendix B.5), (n, 1, H, W)."""
+    r, g, b = x.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def _blend(x, y, factor):
+    return (factor[:, None, None, None] * x + (1 - factor[:, None, None, None]) * y).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return _blend(x, torch.zeros_like(x), factor)
+
+
+def adjust_contrast(x, factor):
+    return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def adjust_saturation(x, factor):
+    return _blend(x, grayscale(x), factor)
+
+
+def adjust_hue(x, shift):
+    """Rotate the hue of each image by shift (n,) turns, through HSV as torchvision does."""
+    r, g, b = x.unbind(dim=-3)
+    maxc, minc = x.amax(dim=-3), x.amin(dim=-3)
+    chroma = maxc - minc
+    flat = chroma == 0
+    sat = chroma / torch.where(flat, torch.ones_like(maxc), maxc)
+    c = torch.where(flat, torch.ones_like(chroma), chroma)
+    hue = torch.where(maxc == r, (g - b) / c, torch.where(maxc == g, 2 + (b - r) / c, 4 + (r - g) / c))
+    hue = torch.where(flat, torch.zeros_like(hue), hue)
+    hue = torch.remainder(hue / 6 + 1 + shift[:, None, None], 1.0)               # shifted hue in [0, 1)
+    # HSV -> RGB
+    h6 = hue * 6
+    sector = torch.floor(h6).long() % 6
+    f = h6 - torch.floor(h6)
+    v = maxc
+    p, q, t = v * (1 - sat), v * (1 - sat * f), v * (1 - sat * (1 - f))
+    table = torch.stack([torch.stack(rgb) for rgb in
+                         ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))])  # (6, 3, n, H, W)
+    index = sector[None, None].expand(1, 3, *sector.shape)
+    return table.gather(0, index)[0].permute(1, 0, 2, 3)
+
+
+COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's ColorJitter order
+
+
+def colour_jitter(x, factors, order, apply, whole_batch=None):
+    """ColorJitter per sample: factors (n, 4) for brightness, contrast, saturation, hue; order (n, 4) a permutation
+    of the four operations for each image; apply (n,) whether the image is jittered at all.
+
+    whole_batch (default: on CUDA) runs every operation on the whole batch and keeps each image's own with
+    torch.where, which never waits for the host; otherwise each operation runs only on the images that need it,
+    4x less arithmetic for the CPU. Both give the same images."""
+    whole_batch = x.is_cuda if whole_batch is None else whole_batch
+    for position in range(4):
+        chosen = [apply & (order[:, position] == k) for k in range(len(COLOUR_OPS))]
+        if whole_batch:
+            x = sum(torch.where(c[:, None, None, None], op(x, factors[:, k]), 0.0)
+                    for k, (op, c) in enumerate(zip(COLOUR_OPS, chosen))) + torch.where(
+                        (~apply)[:, None, None, None], x, 0.0)
+        else:
+            for k, (op, c) in enumerate(zip(COLOUR_OPS, chosen)):
+                rows = c.nonzero().flatten()
+                if len(rows):
+                    x = x.index_copy(0, rows, op(x[rows], factors[rows, k]))
+    return x
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Per-image Gaussian blur, reflect padding, as torchvision's gaussian_blur: sigma (n,)."""
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    taps = torch.linspace(-half, half, kernel_size, device=x.device)
+    k = torch.exp(-0.5 * (taps[None, :] / sigma[:, None]) ** 2)
+    k = (k / k.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)           # (n*C, k)
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)                          # vertical pass
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)                          # horizontal pass
+    return y.reshape(n, c, h, w)
+
+
+def solarize(x):
+    return torch.where(x >= 0.5, 1 - x, x)  # Appendix B.5: x -> 1 - x where x >= 0.5
+
+
+def view_params(n, height, width, blur_p, solarize_p, g, device="cpu"):
+    """Every random parameter of one view (Appendix B.5) for each of n images of height x width, from generator g."""
+    u = lambda *shape: torch.rand(*shape, device=device, generator=g)  # noqa: E731
+    lo = torch.tensor([1 - JITTER["brightness"], 1 - JITTER["contrast"], 1 - JITTER["saturation"], -JITTER["hue"]],
+                      device=device)
+    hi = torch.tensor([1 + JITTER["brightness"], 1 + JITTER["contrast"], 1 + JITTER["saturation"], JITTER["hue"]],
+                      device=device)
+    return dict(crop=sample_crops(n, height, width, g, device), flip=u(n) < 0.5,
+                jitter=u(n) < JITTER_P, factors=lo + (hi - lo) * u(n, 4), order=u(n, 4).argsort(dim=1),
+                gray=u(n) < GRAY_P, blur=u(n) < blur_p, sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
+                solarize=u(n) < solarize_p)
+
+
+def apply_view(images, p, dataset, size):
+    """The view with parameters p (from view_params) of uint8 images (n, 3, H, W): normalised floats (n, 3, size,
+    size). Blur and solarisation only where the dataset has them (Appendix B.5.2)."""
+    def where(mask, a, b):
+        return torch.where(mask[:, None, None, None], a, b)
+    x = resized_crop(images.float() / 255, *p["crop"], size, flip=p["flip"])
+    x = colour_jitter(x, p["factors"], p["order"], p["jitter"])
+    x = where(p["gray"], grayscale(x).expand_as(x), x)
+    info = DATASETS[dataset]
+    if info.blur_solarize:
+        x = where(p["blur"], gaussian_blur(x, p["sigma"], blur_kernel_size(size)), x)
+        x = where(p["solarize"], solarize(x), x)
+    mean, std = torch.tensor(info.mean, device=x.device), torch.tensor(info.std, device=x.device)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def batched_view(images, dataset, size, blur_p, solarize_p, g):
+    """One augmented view of every uint8 image (n, 3, H, W) on its device, each image with its own parameters."""
+    p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device)
+    return apply_view(images, p, dataset, size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -788,10 +1024,13 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
     pin = device.type == "cuda"
-    train_set = TwoViews(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
-    sampler = EpochBatches(len(train_set), micro, steps_per_epoch, args.accum_steps, args.seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
-                        persistent_workers=args.workers > 0, worker_init_fn=_workers_ignore_signals)
+    sampler = EpochBatches(len(data.pretrain), micro, steps_per_epoch, args.accum_steps, args.seed)
+    if getattr(args, "augment", "per-image") != "per-image" and args.dataset in IN_MEMORY:
+        loader = DeviceViews(uint8_images(data.pretrain).to(device), sampler, args.dataset, args.image_size, views)
+    else:
+        train_set = TwoViews(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
+                            persistent_workers=args.workers > 0, worker_init_fn=_workers_ignore_signals)
     bank_loader, eval_loader = eval_loaders(data, args.dataset, args.image_size, 512, args.workers, pin)
 
     def checkpoint(epoch):

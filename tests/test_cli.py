@@ -135,6 +135,7 @@ def test_bad_mhe_flags(flags, text, tmp_path):
     (["--arch", "vgg11"], "invalid choice: 'vgg11'"),
     (["--batch-size", "10", "--accum-steps", "3"], "not divisible by --accum-steps 3"),
     (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--dataset", "folder", "--augment", "batched"], "needs an in-memory dataset"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "cuda"),
 ])
 def test_bad_arguments(args, text, tmp_path):

@@ -85,20 +85,22 @@ def signal_at(loss_call, signum=signal.SIGTERM):
     return extra
 
 
+@pytest.mark.parametrize("augment", ["batched", "per-image"])
 @pytest.mark.parametrize("stop_at,signum", [(7, signal.SIGTERM), (5, signal.SIGINT)])  # mid-epoch; epoch's end
-def test_resume_after_signal_equals_uninterrupted_run(cifar_dir, tmp_path, no_md5, stop_at, signum):
+def test_resume_after_signal_equals_uninterrupted_run(cifar_dir, tmp_path, no_md5, stop_at, signum, augment):
     full = tiny_byol()
-    assert byol.train(tiny_args(cifar_dir, tmp_path / "full"), full) == 0
+    assert byol.train(tiny_args(cifar_dir, tmp_path / "full", "--augment", augment), full) == 0
 
     out = tmp_path / "interrupted"
-    status = byol.train(tiny_args(cifar_dir, out), tiny_byol(), extra_terms=signal_at(stop_at, signum))
+    status = byol.train(tiny_args(cifar_dir, out, "--augment", augment), tiny_byol(),
+                        extra_terms=signal_at(stop_at, signum))
     assert status == 128 + signum
     assert common.load_checkpoint(out / "last.pt")["step"] == stop_at
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
     resumed = tiny_byol(seed=123)  # different init: everything must come from the checkpoint
     args = byol.parse_args(["--resume", str(out), "--workers", "0"])
-    assert args.epochs == 2 and args.batch_size == 10
+    assert args.epochs == 2 and args.batch_size == 10 and args.augment == augment
     assert byol.train(args, resumed) == 0
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
@@ -145,7 +147,7 @@ def test_knn_monitor_leaves_networks_untouched(cifar_dir, no_md5):
 
 def test_val_split_holds_out_from_pretraining(cifar_dir, no_md5):
     data = common.load_data("cifar10", cifar_dir, "val")
-    assert len(data.eval) + len(data.bank) == 50 and len(data.pretrain) == len(data.bank)
+    assert len(data.eval) + len(data.bank) == 50 and len(data.pretrain) == len(data.bank) == 10  # 1 of 5 per class
     assert not set(data.pretrain.indices) & set(data.eval.indices)
 
 

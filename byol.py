@@ -90,9 +90,9 @@ class BYOL(nn.Module):
     def update_target(self, tau):
         """xi <- tau * xi + (1 - tau) * theta for every parameter. The target's BatchNorm running statistics are its
         own (updated by its forward passes), as in BYOL's implementation."""
-        for online, target in self.online_target_pairs():
-            for p_o, p_t in zip(online.parameters(), target.parameters()):
-                p_t.lerp_(p_o, 1 - tau)
+        online = [p for o, _ in self.online_target_pairs() for p in o.parameters()]
+        target = [p for _, t in self.online_target_pairs() for p in t.parameters()]
+        torch._foreach_lerp_(target, online, 1 - tau)  # all parameters in a few kernels
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,9 +43,9 @@ def build_parser():
 
 def mhe_regulariser(model, parts, power):
     """Eq. 7: sum over the regularised layers j of E_s(layer j) / (N_j (N_j - 1)); biases and BatchNorm excluded.
-    Only the online networks are regularised; the target follows them through the EMA."""
-    return sum(common.hyperspherical_energy(w, power)
-               for part in parts for w in common.layer_weights(getattr(model, part)))
+    Only the online networks are regularised; the target follows them through the EMA. common.total_energy sums
+    common.hyperspherical_energy over the layers, computing layers of equal shape in one batched product."""
+    return common.total_energy([w for part in parts for w in common.layer_weights(getattr(model, part))], power)
 
 
 def mhe_term(args):

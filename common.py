@@ -120,6 +120,7 @@ def base_parser():
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto picks cuda when available; cuda runs in bf16 autocast with channels_last")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g.add_argument("--out-dir", default=None, help="run folder (default: runs/<method>-<dataset>-<time>)")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue the run saved in this last.pt (or its run folder) with its own settings; "
@@ -671,23 +672,28 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """The formula above for all parameters at once with torch._foreach_* ops: a few kernels per step, and the
+        trust ratios stay on the device (no host synchronisation)."""
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                u = w.grad
-                if w.ndim > 1:
-                    u = u.add(w, alpha=group["weight_decay"])
-                    w_norm, u_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(u)
-                    trust = torch.where((w_norm > 0) & (u_norm > 0),
-                                        group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
-                    u = u * trust
-                state = self.state[w]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w)
-                v = state["momentum_buffer"]
-                v.mul_(group["momentum"]).add_(u, alpha=group["lr"])
-                w.sub_(v)
+            params = [w for w in group["params"] if w.grad is not None]
+            if not params:
+                continue
+            for w in params:
+                if "momentum_buffer" not in self.state[w]:
+                    self.state[w]["momentum_buffer"] = torch.zeros_like(w)
+            weights = [w for w in params if w.ndim > 1]                       # trust ratio and weight decay
+            others = [w for w in params if w.ndim <= 1]                       # biases, BatchNorm: plain SGD
+            u = []
+            if weights:
+                u = list(torch._foreach_add([w.grad for w in weights], weights, alpha=group["weight_decay"]))
+                w_norm, u_norm = torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(u))
+                trust = torch.where((w_norm > 0) & (u_norm > 0), group["trust_coefficient"] * w_norm / u_norm, 1.0)
+                torch._foreach_mul_(u, list(trust.unbind()))
+            updates = u + [w.grad for w in others]
+            buffers = [self.state[w]["momentum_buffer"] for w in weights + others]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, updates, alpha=group["lr"])
+            torch._foreach_sub_(weights + others, buffers)
 
 
 def lr_at(step, total_steps, warmup_steps, peak_lr):
@@ -749,20 +755,33 @@ def hyperspherical_energy(weight, power):
     C*k*k; neurons are projected onto the unit sphere. power: "0", "1", "2" use the Euclidean distance
     d_ij = ||w_i - w_j|| (Eq. 5), "a0", "a1", "a2" the angle d_ij = arccos(w_i . w_j) (Eq. A.3); the kernel is
     d^-s for s > 0 and log(1 / d) for s = 0. Returns sum_{i != j} r_s(d_ij) / (N (N - 1)) as a float32 scalar."""
+    return layer_energies(weight.flatten(1)[None], power)[0]
+
+
+def layer_energies(neurons, power):
+    """hyperspherical_energy of G layers of equal shape at once: neurons (G, N, d) -> (G,), one batched Gram product."""
     if power not in MHE_POWERS:
         raise ValueError(f"power must be one of {MHE_POWERS}, got {power!r}")
     s = int(power[-1])
-    with fp32(weight):
-        w = F.normalize(weight.flatten(1).float(), dim=1)                  # (N, d) on the unit sphere
-        n = w.shape[0]
-        cos = w @ w.T                                                      # (N, N)
+    with fp32(neurons):
+        w = F.normalize(neurons.float(), dim=-1)                           # (G, N, d) on the unit sphere
+        n = w.shape[-2]
+        cos = w @ w.transpose(-1, -2)                                      # (G, N, N)
         if power.startswith("a"):
             d = torch.arccos(cos.clamp(-1 + MHE_EPS, 1 - MHE_EPS))         # geodesic distance, Eq. A.3
         else:
             d = (2 - 2 * cos).clamp_min(MHE_EPS).sqrt()                   # ||w_i - w_j||^2 = 2 - 2 cos, Eq. 5
         r = -torch.log(d) if s == 0 else d.pow(-s)                          # Riesz s-kernel; log(1/d) for s = 0
-        off_diagonal = ~torch.eye(n, dtype=torch.bool, device=w.device)
-        return r.masked_fill(~off_diagonal, 0).sum() / (n * (n - 1))
+        diagonal = torch.eye(n, dtype=torch.bool, device=w.device)
+        return r.masked_fill(diagonal, 0).sum(dim=(-2, -1)) / (n * (n - 1))
+
+
+def total_energy(weights, power):
+    """The sum of hyperspherical_energy over a list of layer weights, layers of equal shape batched together."""
+    groups = {}
+    for w in weights:
+        groups.setdefault(tuple(w.shape), []).append(w.flatten(1))
+    return sum(layer_energies(torch.stack(group), power).sum() for group in groups.values())
 
 
 def layer_weights(module):
@@ -836,7 +855,7 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
                "alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
         for part in SUBNETWORKS:
             if hasattr(model, part):
-                row[f"mhe_{part}"] = sum(hyperspherical_energy(w, power).item() for w in layer_weights(getattr(model, part)))
+                row[f"mhe_{part}"] = total_energy(layer_weights(getattr(model, part)), power).item()
         for name, outputs in pooled.items():
             row[f"energy_{name}"] = hyperspherical_energy(torch.cat(outputs), power).item()
     return row
@@ -856,6 +875,8 @@ def resolve_device(name):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available")
+    if name == "cuda":
+        torch.set_float32_matmul_precision("high")  # fp32 matmuls (the MHE Gram, k-NN) on TF32 tensor cores
     return torch.device(name)
 
 
@@ -1008,6 +1029,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):
+        model.compile()  # in place: parameter names and checkpoints stay the same
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
     step, start_epoch = 0, 0
     if args.resume:

@@ -1,25 +1,36 @@
-"""Speed benchmark (not collected by pytest): time of one optimizer step per method, and the share of it spent in
-the paper's regularisers. Prints JSON.
+"""Speed benchmark (not collected by pytest). Prints JSON:
 
-    python tests/bench_speed.py --batch-size 256 --device cpu          # what the README's CPU numbers come from
-    python tests/bench_speed.py --batch-size 1024 --device cuda
+  augmentation  views/s of the batched augmentation (common.batched_view) and of torchvision's per-image pipeline
+                (common.ssl_augmentation) on the same machine, and their ratio
+  training      per method: one optimizer step through the real pipeline (uint8 CIFAR-shaped data on the device,
+                both views made by batched_view, forward, backward, LARS, EMA): images/s, seconds per 50k-image
+                epoch, peak memory; on CUDA also the achieved TFLOP/s (torch.utils.flop_counter) and its share of
+                the device's peak
+  mhe           the Eq. 7 regulariser's forward+backward alone, its share of a BYOL-MHE step, BYOL-MHE / BYOL
 
-Input is synthetic CIFAR-shaped data already on the device (no augmentation cost): this isolates the model step.
+    python tests/bench_speed.py --device cpu --batch-size 256 --steps 1
+    python tests/bench_speed.py --device cuda --batch-size 1024
 """
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import byol  # noqa: E402
 import byol_mhe  # noqa: E402
 import common  # noqa: E402
 import simclr  # noqa: E402
+
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the utilisation figure
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}
 
 
 def sync(device):
@@ -28,7 +39,7 @@ def sync(device):
 
 
 def timed(fn, device, repeats):
-    fn()  # warm-up
+    fn()  # warm-up (and compilation)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -37,74 +48,132 @@ def timed(fn, device, repeats):
     return (time.perf_counter() - t0) / repeats
 
 
-def record(result, name, seconds, batch):
-    result[f"{name}_step_s"] = round(seconds, 4)
-    result[f"{name}_images_per_s"] = round(batch / seconds, 1)
+def augmentation_speed(n_images, batch, device):
+    """Both BYOL views of n_images CIFAR-shaped images, batched on `device` vs per image with torchvision."""
+    rng = np.random.default_rng(0)
+    arrays = rng.integers(0, 256, (n_images, 32, 32, 3), dtype=np.uint8)
+    views = byol.VIEWS
+    pil = [Image.fromarray(a) for a in arrays]
+    view1, view2 = (common.ssl_augmentation("cifar10", 32, *v) for v in views)   # torchvision, image by image
+    t0 = time.perf_counter()
+    for img in pil:
+        view1(img), view2(img)
+    per_image_s = time.perf_counter() - t0
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous().to(device)
+
+    def batched():
+        g = torch.Generator(device).manual_seed(0)
+        for x in images.split(batch):
+            for v in views:
+                common.batched_view(x, "cifar10", 32, *v, g)
+    batched_s = timed(batched, device, 1)
+    out = {"images": n_images, "batch": batch, "per_image_views_per_s": round(2 * n_images / per_image_s, 1),
+           "batched_views_per_s": round(2 * n_images / batched_s, 1)}
+    out["ratio"] = round(out["batched_views_per_s"] / out["per_image_views_per_s"], 2)
+    return out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--arch", default="resnet18", choices=tuple(common.ARCHS))
-    p.add_argument("--repeats", type=int, default=2, help="timed optimizer steps per method (after one warm-up)")
-    p.add_argument("--pow", default="a2", choices=common.MHE_POWERS)
-    p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr",
-                   help="comma-separated subset of byol,byol_uniformity,byol_mhe,simclr")
-    args = p.parse_args()
-    device = common.resolve_device(args.device)
-    torch.manual_seed(0)
-    b = args.batch_size
-    x1 = common.to_device(torch.randn(b, 3, 32, 32), device)
-    x2 = common.to_device(torch.randn(b, 3, 32, 32), device)
-    model = byol.BYOL(*common.build_encoder(args.arch, "cifar")).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    opt = common.LARS([q for q in model.parameters() if q.requires_grad], lr=0.1, weight_decay=1.5e-6)
+def method_setups(args, device):
+    """(name, model, loss_fn, after_step) for each method, on `device`."""
+    enc = lambda: common.build_encoder(args.arch, "cifar")  # noqa: E731
     parts = ("projector", "predictor")
-
-    terms = {
+    byol_terms = {
         "byol": None,
         "byol_uniformity": lambda m, out: {"uniformity": (0.125, (common.uniformity_loss(out["z1"]) +
                                                                  common.uniformity_loss(out["z2"])) / 2)},
         "byol_mhe": lambda m, out: {"mhe": (10.0, byol_mhe.mhe_regulariser(m, parts, args.pow))},
     }
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "arch": args.arch, "batch_size": b,
-              "pow": args.pow, "mhe_on": ",".join(parts)}
-    methods = args.methods.split(",")
-    for name, extra in terms.items():
-        if name not in methods:
-            continue
+    for name in args.methods.split(","):
+        torch.manual_seed(0)
+        if name == "simclr":
+            model = simclr.SimCLR(*enc())
+            yield name, model, lambda m, a, b: (simclr.nt_xent(*m(a, b), 0.5), {}), None
+        else:
+            model = byol.BYOL(*enc())
+            extra = byol_terms[name]
+            yield (name, model, lambda m, a, b, extra=extra: byol.loss_terms(m, a, b, extra),
+                   lambda m: m.update_target(0.99))
+
+
+def training_speed(args, device):
+    b = args.batch_size
+    images = torch.randint(0, 256, (b * (args.steps + 1), 3, 32, 32), dtype=torch.uint8).to(device)
+    sampler = common.EpochBatches(len(images), b, args.steps + 1, 1, seed=0)
+    views = {"simclr": simclr.VIEWS}
+    results, models = {}, {}
+    for name, model, loss_fn, after in method_setups(args, device):
+        model.to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+        if args.compile:
+            model.compile()
+        opt = common.LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
+        batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
 
         def step():
-            common.train_step(model, opt, lambda m, a, c: byol.loss_terms(m, a, c, extra), iter([(x1, x2)]), 1,
-                              device)
-            model.update_target(0.99)
-        record(result, name, timed(step, device, args.repeats), b)
-    if "simclr" in methods:
-        net = simclr.SimCLR(*common.build_encoder(args.arch, "cifar")).to(device)
+            common.train_step(model, opt, loss_fn, batches, 1, device)
+            if after:
+                after(model)
         if device.type == "cuda":
-            net.to(memory_format=torch.channels_last)
-        sim_opt = common.LARS(net.parameters(), lr=0.1, weight_decay=1e-6)
+            torch.cuda.reset_peak_memory_stats()
+        sec = timed(step, device, args.steps)
+        r = {"step_s": round(sec, 4), "images_per_s": round(b / sec, 1), "epoch_50k_s": round(50000 / (b / sec), 2)}
+        if device.type == "cuda":
+            r["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            sampler.set_epoch(1)
+            batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
+            with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+                step()
+            r["tflop_per_step"] = round(counter.get_total_flops() / 1e12, 3)
+            r["tflops"] = round(r["tflop_per_step"] / sec, 1)
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+            if peak:
+                r["fraction_of_bf16_peak"] = round(r["tflops"] / peak, 3)
+        else:
+            r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        results[name] = r
+        models[name] = (model, opt)
+        sampler.set_epoch(0)
+    return results, models
 
-        def simclr_step():
-            common.train_step(net, sim_opt, lambda m, a, c: (simclr.nt_xent(*m(a, c), 0.5), {}), iter([(x1, x2)]),
-                              1, device)
-        record(result, "simclr", timed(simclr_step, device, args.repeats), b)
-    if "byol_mhe" not in methods:
-        print(json.dumps(result, indent=2))
-        return
 
-    def regulariser():  # Eq. 7 forward + backward alone
-        with common.autocast(device):
-            byol_mhe.mhe_regulariser(model, parts, args.pow).backward()
+def mhe_share(args, device, results, models):
+    if "byol_mhe" not in models:
+        return {}
+    model, opt = models["byol_mhe"]
+
+    def regulariser():
+        byol_mhe.mhe_regulariser(model, ("projector", "predictor"), args.pow).backward()
         opt.zero_grad(set_to_none=True)
-    reg = timed(regulariser, device, max(5, args.repeats))
-    result["mhe_regulariser_s"] = round(reg, 4)
-    result["mhe_share_of_byol_mhe_step"] = round(reg / result["byol_mhe_step_s"], 4)
-    if "byol_step_s" in result:
-        result["byol_mhe_over_byol"] = round(result["byol_mhe_step_s"] / result["byol_step_s"], 4)
+    reg = timed(regulariser, device, 5)
+    out = {"regulariser_s": round(reg, 4), "share_of_byol_mhe_step": round(reg / results["byol_mhe"]["step_s"], 4)}
+    if "byol" in results:
+        out["byol_mhe_over_byol"] = round(results["byol_mhe"]["step_s"] / results["byol"]["step_s"], 4)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method (after one warm-up)")
+    p.add_argument("--arch", default="resnet18", choices=tuple(common.ARCHS))
+    p.add_argument("--pow", default="a2", choices=common.MHE_POWERS)
+    p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr")
+    p.add_argument("--augment-images", type=int, default=2048, help="images for the augmentation comparison")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: augmentation,training")
+    args = p.parse_args()
+    device = common.resolve_device(args.device)
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+              "arch": args.arch, "compile": args.compile}
+    if "augmentation" not in args.skip:
+        result["augmentation"] = augmentation_speed(args.augment_images, args.batch_size, device)
+        print(json.dumps(result["augmentation"]), file=sys.stderr)
+    if "training" not in args.skip:
+        result["training"], models = training_speed(args, device)
+        result["mhe"] = mhe_share(args, device, result["training"], models)
     print(json.dumps(result, indent=2))
 
 

@@ -82,6 +82,14 @@ def test_lars_step_matches_formula():
     assert torch.allclose(b.detach(), b1 - v_b, atol=1e-7)
 
 
+def test_lars_zero_weight_gets_trust_ratio_one():
+    w = torch.zeros(2, 3, requires_grad=True)
+    opt = common.LARS([w], lr=0.5, weight_decay=0.1, momentum=0.9)
+    w.grad = torch.ones(2, 3)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((2, 3), -0.5))  # ||w|| = 0: plain step lr * g
+
+
 def test_lars_excludes_batchnorm_by_ndim():
     bn = torch.nn.BatchNorm1d(3)
     with torch.no_grad():

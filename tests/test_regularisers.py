@@ -79,6 +79,14 @@ def test_energy_rejects_unknown_power():
         common.hyperspherical_energy(torch.randn(3, 3), "3")
 
 
+@pytest.mark.parametrize("power", POWERS)
+def test_total_energy_batches_equal_shapes_exactly(power):
+    torch.manual_seed(7)
+    weights = [torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3), torch.randn(5, 6), torch.randn(8, 4, 3, 3)]
+    one_by_one = sum(common.hyperspherical_energy(w, power) for w in weights)
+    assert common.total_energy(weights, power).item() == pytest.approx(one_by_one.item(), rel=1e-5)
+
+
 def test_mhe_regulariser_is_eq7_sum_over_layers():
     model = tiny_byol()
     parts = ("projector", "predictor")

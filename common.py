@@ -6,10 +6,12 @@ Durrant & Leontidis, "Hyperspherically Regularized Networks for Self-Supervision
 Sections, in the order the paper introduces them:
   errors and the command line    one-line errors, the shared flags, presets keyed by (dataset, epochs)
   data                           Appendix B.3/B.4: datasets and the fixed held-out validation splits
-  augmentations                  Appendix B.5: the two views, evaluation transforms
+  augmentations                  Appendix B.5: the two views per image (torchvision), evaluation transforms
+  batched augmentations          Appendix B.5 for a whole uint8 batch on its device, parameters drawn per image
   model                          Appendix B.1 / Section 3.6: ResNet encoder with the CIFAR stem, the MLP head
   optimisation                   Appendix B.2: LARS, LR warm-up + cosine, EMA schedule tau
-  evaluation                     weighted k-NN monitor, uniformity and alignment (Eq. 2, Eq. A.1)
+  evaluation                     weighted k-NN monitor; uniformity (Eq. 2), alignment (Eq. A.1), hyperspherical
+                                 energy (Eq. 5, A.3) and the paper's uniformity analysis (Figs. 4, 5)
   checkpoints                    atomic, resumable, readable with weights_only=True
   training loop                  gradient accumulation (Section 5.1), pre-emption, metrics.jsonl
 """
@@ -1029,7 +1031,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    if getattr(args, "compile", False):
+    if args.compile:
         model.compile()  # in place: parameter names and checkpoints stay the same
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
     step, start_epoch = 0, 0
@@ -1048,7 +1050,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
 
     pin = device.type == "cuda"
     sampler = EpochBatches(len(data.pretrain), micro, steps_per_epoch, args.accum_steps, args.seed)
-    if getattr(args, "augment", "per-image") != "per-image" and args.dataset in IN_MEMORY:
+    if args.augment != "per-image" and args.dataset in IN_MEMORY:
         loader = DeviceViews(uint8_images(data.pretrain).to(device), sampler, args.dataset, args.image_size, views)
     else:
         train_set = TwoViews(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
@@ -1094,7 +1096,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 if done % args.log_every == 0 or stop.signum:  # reading the loss synchronises: only now and then
                     mean = sums["loss"].item() / done
                     check_finite(mean, f"at step {step}")
-                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{done * args.batch_size / (time.time() - t0):.0f}",
+                    speed = done * args.batch_size / (time.time() - t0)
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}",
                                     **{k: f"{v:.5f}" for k, v in extra.items()})
                 if stop.signum and step < (epoch + 1) * steps_per_epoch:  # at an epoch's end: finish it first
                     bar.close()

@@ -1,9 +1,5 @@
 """The batched augmentation against torchvision: each operation equals torchvision.transforms.v2.functional on single
 images given the same parameters, and the per-sample parameters follow the per-image pipeline's distributions."""
-import math
-
-from conftest import no_md5  # noqa: F401
-
 import pytest
 import torch
 import torchvision.transforms as T
@@ -21,7 +17,8 @@ def images(n=6, size=32, seed=0):
 
 def ks_statistic(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
-    a, b = torch.sort(torch.as_tensor(a, dtype=torch.float64))[0], torch.sort(torch.as_tensor(b, dtype=torch.float64))[0]
+    a = torch.sort(torch.as_tensor(a, dtype=torch.float64))[0]
+    b = torch.sort(torch.as_tensor(b, dtype=torch.float64))[0]
     points = torch.cat([a, b])
     cdf_a = torch.searchsorted(a, points, right=True) / len(a)
     cdf_b = torch.searchsorted(b, points, right=True) / len(b)

@@ -20,7 +20,8 @@ def naive_energy(weight, power):
     w = [v / v.norm() for v in weight.detach().double().flatten(1)]
     n, s, total = len(w), int(power[-1]), 0.0
     for i, j in itertools.permutations(range(n), 2):
-        d = math.acos(max(-1.0, min(1.0, float(w[i] @ w[j])))) if power.startswith("a") else float((w[i] - w[j]).norm())
+        cos = max(-1.0, min(1.0, float(w[i] @ w[j])))
+        d = math.acos(cos) if power.startswith("a") else float((w[i] - w[j]).norm())
         total += math.log(1 / d) if s == 0 else d ** -s
     return total / (n * (n - 1))
 
@@ -123,7 +124,7 @@ def test_alignment_matches_literal_formula():
     assert common.alignment_loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
 
 
-# --- the variants reduce to BYOL ----------------------------------------------------------------------------------------
+# --- the variants reduce to BYOL ------------------------------------------------------------------------------------
 def tiny_argv(cifar_dir, out_dir, *extra):
     return ["--data-dir", str(cifar_dir), "--batch-size", "10", "--epochs", "1", "--workers", "0",
             "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--out-dir", str(out_dir), *extra]

@@ -155,3 +155,14 @@ def test_subset_keeps_the_first_images_of_each_split(cifar_dir, no_md5):
     data = common.load_data("cifar10", cifar_dir, "test", subset=7)
     assert len(data.pretrain) == len(data.bank) == len(data.eval) == 7
     assert list(data.eval.indices) == list(range(7))
+
+
+def test_compile_gives_the_eager_result(cifar_dir, tmp_path, no_md5):
+    eager, compiled = tiny_byol(), tiny_byol()
+    flags = ("--epochs", "1", "--analysis-samples", "0")
+    assert byol.train(tiny_args(cifar_dir, tmp_path / "eager", *flags), eager) == 0
+    assert byol.train(tiny_args(cifar_dir, tmp_path / "compiled", *flags, "--compile"), compiled) == 0
+    ckpt = common.load_checkpoint(tmp_path / "compiled" / "last.pt")
+    assert list(ckpt["model"]) == list(eager.state_dict())          # names unchanged: checkpoints interchangeable
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name

@@ -45,9 +45,9 @@ PRESETS = {
 VIEWS = ((1.0, 0.0), (0.1, 0.2))
 
 
-def build_parser():
+def build_parser(description=__doc__):
     """BYOL's flags on top of common.base_parser(); byol_uniformity.py and byol_mhe.py add theirs to this."""
-    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
+    p = common.Parser(description=description, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
                       epilog=common.preset_epilog(PRESETS, "Appendix B.2"))
     g = p.add_argument_group("BYOL (Section 3.3, Section 3.6)")
     g.add_argument("--tau-base", type=float, default=None, help="EMA tau_base, raised to 1 by a cosine (Appendix B.2)")

@@ -28,14 +28,14 @@ def subnetworks(text):
 
 
 def build_parser():
-    p = byol.build_parser()
+    p = byol.build_parser(__doc__)
     g = p.add_argument_group("MHE regularisation (Section 3.5, Eq. 7)")
     g.add_argument("--pow", default="a2", choices=common.MHE_POWERS,
                    help="s of the Riesz kernel: 0/1/2 Euclidean (Eq. 5), a0/a1/a2 angular (Eq. A.3); a2 per "
                         "Appendix C.2")
     g.add_argument("--mhe-weight", type=float, default=None,
                    help="lambda_MHE (default: 10 for CIFAR/STL-10, Appendix C.1; 1 for ImageNet, Section 4 / App. D)")
-    g.add_argument("--mhe-on", type=subnetworks, default=("projector", "predictor"),
+    g.add_argument("--mhe-on", type=subnetworks, default="projector,predictor",
                    help="sub-networks whose conv/linear weights are regularised (Table 5); default per Appendix B.1 "
                         "and D")
     return p

@@ -13,7 +13,7 @@ import common
 
 
 def build_parser():
-    p = byol.build_parser()
+    p = byol.build_parser(__doc__)
     g = p.add_argument_group("uniformity (Section 3.4, Eq. 4)")
     g.add_argument("--unif-weight", type=float, default=0.125, help="lambda_uni (Section 4)")
     g.add_argument("--unif-t", type=float, default=2.0, help="t of the Gaussian potential (Section 3.4)")

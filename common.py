@@ -354,18 +354,31 @@ class EpochBatches(torch.utils.data.Sampler):
 IN_MEMORY = ("cifar10", "cifar100", "stl10")  # small enough to live on the training device as uint8
 
 
-def uint8_images(ds):
-    """The uint8 images (N, 3, H, W) of an in-memory torchvision dataset (CIFAR keeps (N, H, W, 3), STL-10
-    (N, 3, H, W)), through any Subsets around it."""
+def _unwrap(ds):
+    """The torchvision dataset inside any Subsets, and the indices into it (None: all of it)."""
     index = None
     while isinstance(ds, Subset):
         outer = torch.as_tensor(ds.indices, dtype=torch.long)
         index = outer if index is None else outer[index]
         ds = ds.dataset
-    x = torch.from_numpy(ds.data)
+    return ds, index
+
+
+def uint8_images(ds):
+    """The uint8 images (N, 3, H, W) of an in-memory torchvision dataset (CIFAR keeps (N, H, W, 3), STL-10
+    (N, 3, H, W)), through any Subsets around it."""
+    base, index = _unwrap(ds)
+    x = torch.from_numpy(base.data)
     if x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
     return (x if index is None else x[index]).contiguous()
+
+
+def labels_of(ds):
+    """The labels (N,) of a dataset, through any Subsets around it."""
+    base, index = _unwrap(ds)
+    y = torch.as_tensor(_targets(base), dtype=torch.long)
+    return y if index is None else y[index]
 
 
 class DeviceViews:
@@ -611,10 +624,14 @@ def apply_view(images, p, dataset, size):
     x = resized_crop(images.float() / 255, *p["crop"], size, flip=p["flip"])
     x = colour_jitter(x, p["factors"], p["order"], p["jitter"])
     x = where(p["gray"], grayscale(x).expand_as(x), x)
-    info = DATASETS[dataset]
-    if info.blur_solarize:
+    if DATASETS[dataset].blur_solarize:
         x = where(p["blur"], gaussian_blur(x, p["sigma"], blur_kernel_size(size)), x)
         x = where(p["solarize"], solarize(x), x)
+    return normalise(x, dataset)
+
+
+def normalise(x, dataset):
+    info = DATASETS[dataset]
     mean, std = torch.tensor(info.mean, device=x.device), torch.tensor(info.std, device=x.device)
     return (x - mean[:, None, None]) / std[:, None, None]
 
@@ -623,6 +640,52 @@ def batched_view(images, dataset, size, blur_p, solarize_p, g):
     """One augmented view of every uint8 image (n, 3, H, W) on its device, each image with its own parameters."""
     p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device)
     return apply_view(images, p, dataset, size)
+
+
+def eval_view(images, dataset, size):
+    """eval_transform of a square in-memory dataset (Appendix B.5.2) for uint8 images (n, 3, H, W) on their device:
+    resize to size, centre crop 7/8 of it, resize back to size."""
+    x, n, dev = images.float() / 255, images.shape[0], images.device
+    const = lambda v: torch.full((n,), float(v), device=dev)  # noqa: E731
+    if images.shape[-1] != size:
+        x = resized_crop(x, const(0), const(0), const(images.shape[-2]), const(images.shape[-1]), size)
+    crop = round(size * 7 / 8)
+    offset = int(round((size - crop) / 2))  # torchvision's CenterCrop offset
+    return normalise(resized_crop(x, const(offset), const(offset), const(crop), const(crop), size), dataset)
+
+
+def probe_view(images, dataset, size, g):
+    """probe_transform (random resized crop, flip) for uint8 images (n, 3, H, W) on their device, per image."""
+    n, dev = images.shape[0], images.device
+    crop = sample_crops(n, images.shape[-2], images.shape[-1], g, dev)
+    flip = torch.rand(n, device=dev, generator=g) < 0.5
+    return normalise(resized_crop(images.float() / 255, *crop, size, flip=flip), dataset)
+
+
+class DeviceBatches:
+    """(images, labels) batches of a labelled in-memory split held on the device as uint8 and transformed there:
+    in order through eval_view, or, given a seed, through probe_view in a new random order on every pass."""
+
+    def __init__(self, ds, dataset, size, batch_size, device, seed=None):
+        self.images, self.labels = uint8_images(ds).to(device), labels_of(ds).to(device)
+        self.dataset, self.size, self.batch_size, self.seed, self.passes = dataset, size, batch_size, seed, 0
+
+    def __len__(self):
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        dev = self.images.device
+        if self.seed is None:
+            order = torch.arange(len(self.labels), device=dev)
+        else:
+            g = torch.Generator(dev).manual_seed(self.seed * 1_000_003 + self.passes)
+            order = torch.randperm(len(self.labels), device=dev, generator=g)
+            self.passes += 1
+        for chunk in order.split(self.batch_size):
+            x = self.images[chunk]
+            x = eval_view(x, self.dataset, self.size) if self.seed is None else probe_view(x, self.dataset,
+                                                                                          self.size, g)
+            yield x, self.labels[chunk]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -863,10 +926,19 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
     return row
 
 
-def eval_loaders(data, dataset, image_size, batch_size, workers, pin):
+def eval_loaders(data, dataset, image_size, batch_size, workers, device=None):
+    """(images, labels) batches of the bank and eval splits through the evaluation transform: on `device` from
+    uint8 (DeviceBatches) when one is given and the dataset is in memory, else per image in DataLoader workers."""
+    if device is not None and dataset in IN_MEMORY:
+        return tuple(DeviceBatches(ds, dataset, image_size, batch_size, device) for ds in (data.bank, data.eval))
     tf = eval_transform(dataset, image_size)
-    kw = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin, worker_init_fn=_workers_ignore_signals)
+    kw = dict(batch_size=batch_size, num_workers=workers, worker_init_fn=_workers_ignore_signals)
     return DataLoader(Transformed(data.bank, tf), **kw), DataLoader(Transformed(data.eval, tf), **kw)
+
+
+def use_device_data(augment, dataset):
+    """--augment auto/batched: in-memory datasets are held and transformed on the training device."""
+    return augment != "per-image" and dataset in IN_MEMORY
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1048,15 +1120,17 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
         print_run(args, objective)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
 
-    pin = device.type == "cuda"
     sampler = EpochBatches(len(data.pretrain), micro, steps_per_epoch, args.accum_steps, args.seed)
-    if args.augment != "per-image" and args.dataset in IN_MEMORY:
+    on_device = use_device_data(args.augment, args.dataset)
+    if on_device:
         loader = DeviceViews(uint8_images(data.pretrain).to(device), sampler, args.dataset, args.image_size, views)
     else:
         train_set = TwoViews(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
-        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers, pin_memory=pin,
-                            persistent_workers=args.workers > 0, worker_init_fn=_workers_ignore_signals)
-    bank_loader, eval_loader = eval_loaders(data, args.dataset, args.image_size, 512, args.workers, pin)
+        loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
+                            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                            worker_init_fn=_workers_ignore_signals)
+    bank_loader, eval_loader = eval_loaders(data, args.dataset, args.image_size, 512, args.workers,
+                                            device if on_device else None)
 
     def checkpoint(epoch):
         save_atomic({"format": CHECKPOINT_FORMAT, "method": args.method, "model": model.state_dict(),
@@ -1117,7 +1191,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 if args.analysis_samples:
                     images = Subset(data.eval, range(min(args.analysis_samples, len(data.eval))))
                     row.update(representation_analysis(model, images, args.dataset, args.image_size, views,
-                                                       getattr(args, "pow", None) or "a2", device))
+                                                       getattr(args, "pow", None) or "a2", device, args.workers))
                 row["eval_seconds"] = round(time.time() - t1, 3)
             checkpoint(epoch + 1)
             with open(out / "metrics.jsonl", "a") as f:

@@ -44,6 +44,9 @@ def build_parser():
     g.add_argument("--precompute", action="store_true",
                    help="fast mode: features of the un-augmented images computed once, the probe trained on them "
                         "(no random crop/flip)")
+    g.add_argument("--augment", default="auto", choices=("auto", "batched", "per-image"),
+                   help="batched (auto for cifar10/cifar100/stl10): images held and transformed on the device; "
+                        "per-image: torchvision transforms in DataLoader workers")
     g.add_argument("--knn-k", type=int, default=200, help="weighted k-NN neighbours")
     g.add_argument("--knn-t", type=float, default=0.1, help="weighted k-NN temperature")
     g = p.add_argument_group("run")
@@ -135,8 +138,11 @@ def main(argv=None):
     before = snapshot(encoder)
     torch.manual_seed(args.seed)
     probe = nn.Linear(dim, data.num_classes).to(device)
-    pin = device.type == "cuda"
-    bank_loader, eval_loader = common.eval_loaders(data, dataset, image_size, 512, args.workers, pin)
+    if args.augment == "batched" and dataset not in common.IN_MEMORY:
+        raise common.UserError(f"--augment batched needs an in-memory dataset ({', '.join(common.IN_MEMORY)})")
+    on_device = common.use_device_data(args.augment, dataset)
+    bank_loader, eval_loader = common.eval_loaders(data, dataset, image_size, 512, args.workers,
+                                                   device if on_device else None)
     t0 = time.time()
     print(f"# linear evaluation of {args.checkpoint or 'a random encoder'} on {dataset} ({args.eval_split}), "
           f"{len(data.bank)} train / {len(data.eval)} eval images, {args.epochs} epochs"
@@ -150,18 +156,21 @@ def main(argv=None):
                              args.knn_k, args.knn_t).argmax(1)
     knn_top1 = 100.0 * (knn == labels).float().mean().item()
 
+    def encode_images(x):
+        with torch.no_grad(), common.autocast(device):
+            return encoder(common.to_device(x, device)).float()
+
     g = torch.Generator().manual_seed(args.seed)
-    if args.precompute:
+    encode = encode_images
+    if args.precompute:  # the probe's inputs are the features themselves
         loader = DataLoader(TensorDataset(bank, bank_labels), batch_size=args.batch_size, shuffle=True, generator=g)
-        encode = lambda f: f  # noqa: E731
+        encode = torch.nn.Identity()
+    elif on_device:  # random crop + flip per image, on the device
+        loader = common.DeviceBatches(data.bank, dataset, image_size, args.batch_size, device, seed=args.seed)
     else:
         loader = DataLoader(common.Transformed(data.bank, common.probe_transform(dataset, image_size)),
                             batch_size=args.batch_size, shuffle=True, generator=g, num_workers=args.workers,
-                            pin_memory=pin)
-
-        def encode(x):
-            with torch.no_grad(), common.autocast(device):
-                return encoder(common.to_device(x, device)).float()
+                            pin_memory=device.type == "cuda")
     with common.eval_mode(encoder), torch.enable_grad():
         last_loss = train_probe(probe, loader, encode, args, device)
     with torch.no_grad():

@@ -176,3 +176,32 @@ def test_uint8_images_through_subsets_match_torchvision(cifar_dir, no_md5):
     assert u8.shape == (3, 3, 32, 32) and u8.dtype == torch.uint8
     for k in range(3):
         assert torch.equal(u8[k], torch.from_numpy(np.array(data.pretrain[k][0])).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("dataset,native,size", [("cifar10", 32, 32), ("stl10", 96, 64)])
+def test_eval_view_equals_torchvision_eval_transform(dataset, native, size):
+    u8 = images(3, native)
+    x = u8.float() / 255
+    ref = x
+    if native != size:
+        ref = TF.resize(ref, [size, size], BICUBIC, antialias=True).clamp(0, 1)
+    ref = TF.center_crop(ref, [round(size * 7 / 8)] * 2)
+    ref = TF.resize(ref, [size, size], BICUBIC, antialias=True).clamp(0, 1)
+    info = common.DATASETS[dataset]
+    ref = TF.normalize(ref, info.mean, info.std)
+    assert torch.allclose(common.eval_view(u8, dataset, size), ref, atol=1e-4)
+
+
+def test_device_batches_eval_in_order_and_probe_reshuffled(cifar_dir, no_md5):
+    data = common.load_data("cifar10", cifar_dir, "test")
+    evals = common.DeviceBatches(data.bank, "cifar10", 32, 16, torch.device("cpu"))
+    assert len(evals) == 4
+    labels = torch.cat([y for _, y in evals])
+    assert torch.equal(labels, torch.as_tensor(data.bank.targets))
+    first = torch.cat([x for x, _ in evals])
+    assert torch.equal(first, torch.cat([x for x, _ in evals]))                          # deterministic
+    probe = common.DeviceBatches(data.bank, "cifar10", 32, 16, torch.device("cpu"), seed=0)
+    pass1, pass2 = [torch.cat([y for _, y in probe]) for _ in range(2)]
+    assert sorted(pass1.tolist()) == sorted(labels.tolist()) and not torch.equal(pass1, pass2)
+    x, _ = next(iter(probe))
+    assert x.shape == (16, 3, 32, 32)

@@ -57,13 +57,13 @@ def test_byol_cifar_pretrain_writes_a_self_describing_run(cifar_run):
     net.load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
 
 
-@pytest.mark.parametrize("mode", [[], ["--precompute"]])
+@pytest.mark.parametrize("mode", [[], ["--precompute"], ["--augment", "per-image"]])
 def test_linear_eval_on_byol_checkpoint(cifar_run, mode):
     out, _ = cifar_run
     proc = check_ok(run_script("linear_eval.py", "--checkpoint", out / "last.pt", "--epochs", "2", "--workers", "0",
                                *mode))
     res = json.loads((out / "linear_eval_test.json").read_text())
-    assert res["encoder_unchanged"] and res["method"] == "byol" and res["precompute"] == bool(mode)
+    assert res["encoder_unchanged"] and res["method"] == "byol" and res["precompute"] == ("--precompute" in mode)
     assert 0 <= res["top1"] <= res["top5"] <= 100 and 0 <= res["knn_top1"] <= 100
     assert f"top1 {res['top1']:.2f}" in proc.stdout
 
@@ -173,3 +173,8 @@ def test_existing_run_is_not_overwritten(cifar_run, cifar_dir):
     check_one_line_error(run_script("byol.py", "--data-dir", cifar_dir, "--batch-size", "16", "--accum-steps", "5",
                                     "--out-dir", out, *TINY), "not divisible")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_linear_eval_batched_needs_in_memory_data(folder_dir):
+    check_one_line_error(run_script("linear_eval.py", "--random-init", "--dataset", "folder", "--data-dir",
+                                    folder_dir, "--augment", "batched", "--workers", "0"), "in-memory dataset")

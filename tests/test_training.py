@@ -132,12 +132,13 @@ def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path, no_md5):
 
 
 # --- evaluation does not touch training state ---------------------------------------------------------------------
-def test_knn_monitor_leaves_networks_untouched(cifar_dir, no_md5):
+@pytest.mark.parametrize("device", [None, torch.device("cpu")])   # per-image DataLoader; uint8 on the device
+def test_knn_monitor_leaves_networks_untouched(cifar_dir, no_md5, device):
     model = tiny_byol()
     model.train()
     before = copy.deepcopy(model.state_dict())
     data = common.load_data("cifar10", cifar_dir, "test")
-    bank, evals = common.eval_loaders(data, "cifar10", 32, 16, 0, False)
+    bank, evals = common.eval_loaders(data, "cifar10", 32, 16, 0, device)
     acc = common.knn_accuracy(model.encoder, bank, evals, 10, torch.device("cpu"), k=5)
     assert 0 <= acc <= 100
     assert all(m.training for m in model.modules())

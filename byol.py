@@ -124,8 +124,7 @@ OBJECTIVE = "L = L_BYOL (Eq. 3) = ||q(z1)/|q(z1)| - z'2/|z'2|||^2 + ||q(z2)/|q(z
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(args, encoder=None, feature_dim=None):
     if encoder is None:
-        encoder, feature_dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset),
-                                                    args.batchnorm)
+        encoder, feature_dim = common.encoder_for(args)
     return BYOL(encoder, feature_dim, args.hidden_dim, args.proj_dim, args.batchnorm)
 
 

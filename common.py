@@ -714,6 +714,12 @@ def build_encoder(arch, stem, batchnorm=True):
     return net, ARCHS[arch]
 
 
+def encoder_for(args):
+    """The encoder a run's settings (a Namespace or its vars() dict) describe: (module, feature size)."""
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    return build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True))
+
+
 def mlp(in_dim, hidden_dim=4096, out_dim=256, batchnorm=True):
     """Projector g and predictor q of Section 3.6: Linear -> BatchNorm -> ReLU -> Linear."""
     norm = nn.BatchNorm1d(hidden_dim) if batchnorm else nn.Identity()
@@ -961,6 +967,17 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
+def place(model, device, compile=False):
+    """Move a model to the device (channels_last on CUDA) and optionally torch.compile it in place (parameter names
+    and so checkpoints stay the same)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    return model
+
+
 def to_device(x, device):
     if device.type == "cuda":
         return x.to(device, non_blocking=True, memory_format=torch.channels_last)
@@ -1017,8 +1034,7 @@ def encoder_state(model):
 
 def encoder_from_checkpoint(ckpt):
     """Rebuild the online encoder f_theta stored in any method's checkpoint."""
-    args = ckpt["args"]
-    encoder, dim = build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True))
+    encoder, dim = encoder_for(ckpt["args"])
     prefix = "encoder."
     encoder.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
     return encoder, dim
@@ -1100,11 +1116,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     peak_lr = args.base_lr * args.batch_size / 256  # Appendix B.2: LR = LR_base * BatchSize / 256
 
     out = prepare_run_folder(args, args.method)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model.compile()  # in place: parameter names and checkpoints stay the same
+    place(model, device, args.compile)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
     step, start_epoch = 0, 0
     if args.resume:

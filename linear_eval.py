@@ -63,9 +63,9 @@ def frozen_encoder(args):
         if args.dataset is None:
             raise common.UserError("--random-init needs --dataset")
         torch.manual_seed(args.seed)
-        encoder, dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset))
         trained = {"dataset": args.dataset, "data_dir": "./data", "arch": args.arch, "stem": args.stem,
                    "image_size": common.DATASETS[args.dataset].image_size, "method": "random-init"}
+        encoder, dim = common.encoder_for(trained)
     else:
         ckpt = common.load_checkpoint(args.checkpoint)
         encoder, dim = common.encoder_from_checkpoint(ckpt)
@@ -132,9 +132,7 @@ def main(argv=None):
     out = result_path(args, dataset)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    encoder.to(device)
-    if device.type == "cuda":
-        encoder.to(memory_format=torch.channels_last)
+    common.place(encoder, device)
     before = snapshot(encoder)
     torch.manual_seed(args.seed)
     probe = nn.Linear(dim, data.num_classes).to(device)

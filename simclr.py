@@ -87,8 +87,7 @@ def nt_xent(z1, z2, temperature):
 # ----------------------------------------------------------------------------------------------------------------
 def build_model(args, encoder=None, feature_dim=None):
     if encoder is None:
-        encoder, feature_dim = common.build_encoder(args.arch, common.resolve_stem(args.stem, args.dataset),
-                                                    args.batchnorm)
+        encoder, feature_dim = common.encoder_for(args)
     return SimCLR(encoder, feature_dim, args.proj_dim, args.batchnorm)
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import byol  # noqa: E402
 import byol_mhe  # noqa: E402
+import byol_uniformity  # noqa: E402
 import common  # noqa: E402
 import simclr  # noqa: E402
 
@@ -74,15 +75,12 @@ def augmentation_speed(n_images, batch, device):
 
 
 def method_setups(args, device):
-    """(name, model, loss_fn, after_step) for each method, on `device`."""
+    """(name, model, loss_fn, after_step) for each method with its paper defaults, built by the methods' own code."""
     enc = lambda: common.build_encoder(args.arch, "cifar")  # noqa: E731
-    parts = ("projector", "predictor")
-    byol_terms = {
-        "byol": None,
-        "byol_uniformity": lambda m, out: {"uniformity": (0.125, (common.uniformity_loss(out["z1"]) +
-                                                                 common.uniformity_loss(out["z2"])) / 2)},
-        "byol_mhe": lambda m, out: {"mhe": (10.0, byol_mhe.mhe_regulariser(m, parts, args.pow))},
-    }
+    settings = argparse.Namespace(unif_weight=0.125, unif_t=2.0, mhe_weight=10.0, pow=args.pow,
+                                  mhe_on=("projector", "predictor"))
+    byol_terms = {"byol": None, "byol_uniformity": byol_uniformity.uniformity_term(settings),
+                  "byol_mhe": byol_mhe.mhe_term(settings)}
     for name in args.methods.split(","):
         torch.manual_seed(0)
         if name == "simclr":
@@ -102,11 +100,7 @@ def training_speed(args, device):
     views = {"simclr": simclr.VIEWS}
     results, models = {}, {}
     for name, model, loss_fn, after in method_setups(args, device):
-        model.to(device)
-        if device.type == "cuda":
-            model.to(memory_format=torch.channels_last)
-        if args.compile:
-            model.compile()
+        common.place(model, device, args.compile)
         opt = common.LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
         batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
 

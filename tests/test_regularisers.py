@@ -10,7 +10,7 @@ import byol
 import byol_mhe
 import byol_uniformity
 import common
-from test_training import tiny_byol
+from test_training import tiny_argv, tiny_byol
 
 POWERS = common.MHE_POWERS
 
@@ -125,11 +125,6 @@ def test_alignment_matches_literal_formula():
 
 
 # --- the variants reduce to BYOL ------------------------------------------------------------------------------------
-def tiny_argv(cifar_dir, out_dir, *extra):
-    return ["--data-dir", str(cifar_dir), "--batch-size", "10", "--epochs", "1", "--workers", "0",
-            "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--out-dir", str(out_dir), *extra]
-
-
 def train_tiny(argv, module=None):
     """A few steps of byol.py, or of the variant `module` (byol_uniformity / byol_mhe) through byol.train."""
     if module is None:
@@ -143,14 +138,14 @@ def train_tiny(argv, module=None):
 
 
 def test_zero_weight_variants_equal_byol(cifar_dir, tmp_path, no_md5):
-    reference = train_tiny(tiny_argv(cifar_dir, tmp_path / "byol"))
-    uni = train_tiny(tiny_argv(cifar_dir, tmp_path / "uni", "--unif-weight", "0"), byol_uniformity)
-    mhe = train_tiny(tiny_argv(cifar_dir, tmp_path / "mhe", "--mhe-weight", "0",
+    reference = train_tiny(tiny_argv(cifar_dir, tmp_path / "byol", "--epochs", "1"))
+    uni = train_tiny(tiny_argv(cifar_dir, tmp_path / "uni", "--epochs", "1", "--unif-weight", "0"), byol_uniformity)
+    mhe = train_tiny(tiny_argv(cifar_dir, tmp_path / "mhe", "--epochs", "1", "--mhe-weight", "0",
                                "--mhe-on", "encoder,projector,predictor"), byol_mhe)
     for other in (uni, mhe):
         for k, v in reference.items():
             assert torch.equal(v, other[k]), k
     # a non-zero weight does change the result
     for module, flags in ((byol_uniformity, ["--unif-weight", "1"]), (byol_mhe, ["--mhe-weight", "10"])):
-        changed = train_tiny(tiny_argv(cifar_dir, tmp_path / f"{module.__name__}-on", *flags), module)
+        changed = train_tiny(tiny_argv(cifar_dir, tmp_path / f"{module.__name__}-on", "--epochs", "1", *flags), module)
         assert not torch.equal(changed["projector.0.weight"], reference["projector.0.weight"])

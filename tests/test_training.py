@@ -14,10 +14,14 @@ import common
 from conftest import TinyEncoder
 
 
+def tiny_argv(cifar_dir, out_dir, *extra):
+    """Two epochs of 5 steps on the tiny CIFAR-10 with small heads; later flags override earlier ones."""
+    return ["--data-dir", str(cifar_dir), "--batch-size", "10", "--epochs", "2", "--workers", "0",
+            "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--out-dir", str(out_dir), *extra]
+
+
 def tiny_args(cifar_dir, out_dir, *extra):
-    return byol.parse_args(["--data-dir", str(cifar_dir), "--batch-size", "10", "--epochs", "2", "--workers", "0",
-                            "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--out-dir", str(out_dir),
-                            *extra])
+    return byol.parse_args(tiny_argv(cifar_dir, out_dir, *extra))
 
 
 def tiny_byol(seed=0):

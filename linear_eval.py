@@ -116,11 +116,22 @@ def result_path(args, dataset):
     return folder / f"linear_eval_{args.eval_split}.json"
 
 
+def check_args(args):
+    for name in ("epochs", "batch_size", "knn_k"):
+        if getattr(args, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.subset is not None and args.subset < 1:
+        raise common.UserError(f"--subset must be a positive integer, got {args.subset}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_args(args)
     device = common.resolve_device(args.device)
     encoder, dim, trained = frozen_encoder(args)
     dataset = args.dataset or trained["dataset"]
+    if args.augment == "batched" and dataset not in common.IN_MEMORY:
+        raise common.UserError(f"--augment batched needs an in-memory dataset ({', '.join(common.IN_MEMORY)})")
     if dataset != trained["dataset"] and args.image_size is None:
         image_size = common.DATASETS[dataset].image_size
     else:
@@ -136,8 +147,6 @@ def main(argv=None):
     before = snapshot(encoder)
     torch.manual_seed(args.seed)
     probe = nn.Linear(dim, data.num_classes).to(device)
-    if args.augment == "batched" and dataset not in common.IN_MEMORY:
-        raise common.UserError(f"--augment batched needs an in-memory dataset ({', '.join(common.IN_MEMORY)})")
     on_device = common.use_device_data(args.augment, dataset)
     bank_loader, eval_loader = common.eval_loaders(data, dataset, image_size, 512, args.workers,
                                                    device if on_device else None)
@@ -151,8 +160,8 @@ def main(argv=None):
     bank, bank_labels = common.extract_features(encoder, bank_loader, device, normalize=False)
     queries, labels = common.extract_features(encoder, eval_loader, device, normalize=False)
     knn = common.knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), data.num_classes,
-                             args.knn_k, args.knn_t).argmax(1)
-    knn_top1 = 100.0 * (knn == labels).float().mean().item()
+                             args.knn_k, args.knn_t)
+    knn_top1 = accuracy(knn, labels, 1)
 
     def encode_images(x):
         with torch.no_grad(), common.autocast(device):

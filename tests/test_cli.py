@@ -155,6 +155,11 @@ def test_missing_dataset_that_cannot_be_downloaded(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_linear_eval_bad_numbers(cifar_run):
+    out, _ = cifar_run
+    check_one_line_error(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "0"), "--epochs must be")
+
+
 def test_bad_checkpoints(tmp_path):
     check_one_line_error(run_script("linear_eval.py", "--checkpoint", tmp_path / "missing.pt"), "does not exist")
     (tmp_path / "text.pt").write_text("hello")

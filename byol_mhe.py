@@ -49,6 +49,7 @@ def mhe_regulariser(model, parts, power):
 
 
 def mhe_term(args):
+    """The extra term of Eq. 7 for byol.train: lambda_MHE * mhe_regulariser, logged as 'mhe'."""
     def terms(model, out):
         return {"mhe": (args.mhe_weight, mhe_regulariser(model, args.mhe_on, args.pow))}
     return terms

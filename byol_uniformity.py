@@ -25,7 +25,7 @@ def uniformity_term(args):
 
     The pairs come from the (micro-)batch: with --accum-steps N each micro-batch of batch/N images is its own set
     of pairs, as in the paper's batch-size study (Section 5.1, Table C.8)."""
-    def terms(model, out):
+    def terms(model, out):  # out["z1"], out["z2"]: online projections g_theta(f_theta(x)) of the two views
         uni = (common.uniformity_loss(out["z1"], args.unif_t) + common.uniformity_loss(out["z2"], args.unif_t)) / 2
         return {"uniformity": (args.unif_weight, uni)}
     return terms

@@ -162,11 +162,17 @@ def preset_epilog(presets, source):
     return f"presets ({source}; the row nearest to --epochs is used):\n" + "\n".join(rows)
 
 
+def require_positive(args, *names):
+    """UserError unless each of these flags is unset (None) or a positive integer."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
 def check_args(args):
     """Checks argparse cannot do; raises UserError."""
-    for name in ("epochs", "batch_size", "accum_steps", "image_size", "subset"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    require_positive(args, "epochs", "batch_size", "accum_steps", "image_size", "subset")
     if args.batch_size % args.accum_steps:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}")
     if args.workers < 0:
@@ -339,16 +345,17 @@ class EpochBatches(torch.utils.data.Sampler):
     def __len__(self):
         return self.steps * self.accum - self.start
 
-    def plan(self):
-        """The epoch's image order and one augmentation seed per position."""
+    def micro_batches(self, device=None):
+        """(image indices on `device`, augmentation seeds) of each remaining micro-batch of the epoch."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        return torch.randperm(self.n, generator=g), torch.randint(2**62, (self.n,), generator=g)
+        order, seeds = torch.randperm(self.n, generator=g), torch.randint(2**62, (self.n,), generator=g)
+        order, m = order.to(device), self.micro_batch
+        for b in range(self.start, self.steps * self.accum):
+            yield order[b * m:(b + 1) * m], seeds[b * m:(b + 1) * m]
 
     def __iter__(self):
-        order, seeds = self.plan()
-        m = self.micro_batch
-        for b in range(self.start, self.steps * self.accum):
-            yield list(zip(order[b * m:(b + 1) * m].tolist(), seeds[b * m:(b + 1) * m].tolist()))
+        for index, seeds in self.micro_batches():
+            yield list(zip(index.tolist(), seeds.tolist()))
 
 
 IN_MEMORY = ("cifar10", "cifar100", "stl10")  # small enough to live on the training device as uint8
@@ -390,13 +397,10 @@ class DeviceViews:
         self.images, self.sampler, self.dataset, self.size, self.views = images, sampler, dataset, size, views
 
     def __iter__(self):
-        order, seeds = self.sampler.plan()
-        order = order.to(self.images.device)
-        m, dev = self.sampler.micro_batch, self.images.device
-        for b in range(self.sampler.start, self.sampler.steps * self.sampler.accum):
-            x = self.images[order[b * m:(b + 1) * m]]
-            g = torch.Generator(dev).manual_seed(int(seeds[b * m]))
-            yield tuple(batched_view(x, self.dataset, self.size, *v, g) for v in self.views)
+        dev = self.images.device
+        for index, seeds in self.sampler.micro_batches(dev):
+            g = torch.Generator(dev).manual_seed(int(seeds[0]))
+            yield tuple(batched_view(self.images[index], self.dataset, self.size, *v, g) for v in self.views)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -890,8 +894,13 @@ def knn_accuracy(encoder, bank_loader, eval_loader, num_classes, device, k=200, 
     """Top-1 (%) of the weighted k-NN classifier: bank = labelled train split, queries = eval split."""
     bank, bank_labels = extract_features(encoder, bank_loader, device)
     queries, labels = extract_features(encoder, eval_loader, device)
-    pred = knn_predict(bank, bank_labels, queries, num_classes, k, t).argmax(1)
-    return 100.0 * (pred == labels).float().mean().item()
+    return accuracy(knn_predict(bank, bank_labels, queries, num_classes, k, t), labels, 1)
+
+
+def accuracy(scores, labels, k=1):
+    """Top-k accuracy (%): the label is among the k highest scores (Appendix B.4)."""
+    k = min(k, scores.shape[1])
+    return 100.0 * (scores.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
 
 
 SUBNETWORKS = ("encoder", "projector", "predictor")

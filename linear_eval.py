@@ -84,12 +84,6 @@ def sanity_check(module, before):
         raise RuntimeError(f"the frozen encoder changed during linear evaluation: {changed[:5]}")
 
 
-def accuracy(logits, labels, k):
-    """Top-k accuracy (%): the label is among the k highest scores (Appendix B.4)."""
-    k = min(k, logits.shape[1])
-    return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
-
-
 def train_probe(probe, loader, encode, args, device):
     """SGD with momentum and a per-step cosine LR from args.lr to 0 (Appendix D), cross-entropy on encode(x)."""
     opt = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -116,17 +110,9 @@ def result_path(args, dataset):
     return folder / f"linear_eval_{args.eval_split}.json"
 
 
-def check_args(args):
-    for name in ("epochs", "batch_size", "knn_k"):
-        if getattr(args, name) < 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.subset is not None and args.subset < 1:
-        raise common.UserError(f"--subset must be a positive integer, got {args.subset}")
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_args(args)
+    common.require_positive(args, "epochs", "batch_size", "knn_k", "subset")
     device = common.resolve_device(args.device)
     encoder, dim, trained = frozen_encoder(args)
     dataset = args.dataset or trained["dataset"]
@@ -161,7 +147,7 @@ def main(argv=None):
     queries, labels = common.extract_features(encoder, eval_loader, device, normalize=False)
     knn = common.knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), data.num_classes,
                              args.knn_k, args.knn_t)
-    knn_top1 = accuracy(knn, labels, 1)
+    knn_top1 = common.accuracy(knn, labels, 1)
 
     def encode_images(x):
         with torch.no_grad(), common.autocast(device):
@@ -185,7 +171,8 @@ def main(argv=None):
     sanity_check(encoder, before)
 
     result = {"checkpoint": args.checkpoint, "method": trained.get("method"), "dataset": dataset,
-              "eval_split": args.eval_split, "top1": accuracy(logits, labels, 1), "top5": accuracy(logits, labels, 5),
+              "eval_split": args.eval_split, "top1": common.accuracy(logits, labels, 1),
+              "top5": common.accuracy(logits, labels, 5),
               "knn_top1": knn_top1, "knn_k": args.knn_k, "epochs": args.epochs, "precompute": args.precompute,
               "final_train_loss": last_loss, "encoder_unchanged": True, "seconds": round(time.time() - t0, 1)}
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -117,6 +117,14 @@ def test_knn_predict_matches_naive_loop():
         assert torch.allclose(scores[q], expect, rtol=1e-5)
 
 
+def test_top_k_accuracy_by_hand():
+    scores = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3], [0.2, 0.5, 0.3]])
+    labels = torch.tensor([0, 0, 1, 2])  # right, wrong (label ranked 3rd), right, wrong (label ranked 2nd)
+    assert common.accuracy(scores, labels, 1) == 50.0
+    assert common.accuracy(scores, labels, 2) == 75.0
+    assert common.accuracy(scores, labels, 5) == 100.0      # k beyond the number of classes
+
+
 # --- Appendix B.4 split --------------------------------------------------------------------------------------------
 def test_holdout_split_is_fixed_and_per_class():
     targets = [i % 10 for i in range(1000)]

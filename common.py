@@ -17,6 +17,7 @@ Sections, in the order the paper introduces them:
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -607,13 +608,19 @@ def solarize(x):
     return torch.where(x >= 0.5, 1 - x, x)  # Appendix B.5: x -> 1 - x where x >= 0.5
 
 
+@functools.lru_cache
+def _constants(device, values):
+    """A small constant tensor, copied to `device` once: a copy from the host on every step would make the GPU
+    stream wait for the host each time."""
+    return torch.tensor(values, device=device)
+
+
 def view_params(n, height, width, blur_p, solarize_p, g, device="cpu"):
     """Every random parameter of one view (Appendix B.5) for each of n images of height x width, from generator g."""
     u = lambda *shape: torch.rand(*shape, device=device, generator=g)  # noqa: E731
-    lo = torch.tensor([1 - JITTER["brightness"], 1 - JITTER["contrast"], 1 - JITTER["saturation"], -JITTER["hue"]],
-                      device=device)
-    hi = torch.tensor([1 + JITTER["brightness"], 1 + JITTER["contrast"], 1 + JITTER["saturation"], JITTER["hue"]],
-                      device=device)
+    b, c, s, h = JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"]
+    device = torch.device(device)
+    lo, hi = _constants(device, (1 - b, 1 - c, 1 - s, -h)), _constants(device, (1 + b, 1 + c, 1 + s, h))
     return dict(crop=sample_crops(n, height, width, g, device), flip=u(n) < 0.5,
                 jitter=u(n) < JITTER_P, factors=lo + (hi - lo) * u(n, 4), order=u(n, 4).argsort(dim=1),
                 gray=u(n) < GRAY_P, blur=u(n) < blur_p, sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
@@ -635,8 +642,9 @@ def apply_view(images, p, dataset, size):
 
 
 def normalise(x, dataset):
+    """Per-channel (x - mean) / std with the dataset's statistics (Appendix B.5.1)."""
     info = DATASETS[dataset]
-    mean, std = torch.tensor(info.mean, device=x.device), torch.tensor(info.std, device=x.device)
+    mean, std = _constants(x.device, info.mean), _constants(x.device, info.std)
     return (x - mean[:, None, None]) / std[:, None, None]
 
 

@@ -78,7 +78,7 @@ def nt_xent(z1, z2, temperature):
         sim = z @ z.T / temperature                                                 # (2B, 2B)
         self_pairs = torch.eye(2 * b, dtype=torch.bool, device=z.device)
         sim = sim.masked_fill(self_pairs, float("-inf"))                            # an anchor is not its own negative
-        positive = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
+        positive = torch.arange(2 * b, device=z.device).roll(b)   # i <-> i + B; made on the device, not copied there
         return F.cross_entropy(sim, positive)
 
 

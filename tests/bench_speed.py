@@ -4,14 +4,15 @@
                 (common.ssl_augmentation) on the same machine, and their ratio
   training      per method: one optimizer step through the real pipeline (uint8 CIFAR-shaped data on the device,
                 both views made by batched_view, forward, backward, LARS, EMA): images/s, seconds per 50k-image
-                epoch, peak memory; on CUDA also the achieved TFLOP/s (torch.utils.flop_counter) and its share of
-                the device's peak
+                epoch, peak memory, and the achieved TFLOP/s (FLOPs of one step counted by
+                torch.utils.flop_counter, over the measured step time); on a known GPU also its share of the peak
   mhe           the Eq. 7 regulariser's forward+backward alone, its share of a BYOL-MHE step, BYOL-MHE / BYOL
 
     python tests/bench_speed.py --device cpu --batch-size 256 --steps 1
     python tests/bench_speed.py --device cuda --batch-size 1024
 """
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode  # `import torch` alone does not load torch.utils.flop_counter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import byol  # noqa: E402
@@ -32,6 +34,10 @@ import simclr  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the utilisation figure
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}
+
+
+def result_device(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
 def sync(device):
@@ -114,17 +120,19 @@ def training_speed(args, device):
         r = {"step_s": round(sec, 4), "images_per_s": round(b / sec, 1), "epoch_50k_s": round(50000 / (b / sec), 2)}
         if device.type == "cuda":
             r["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            sampler.set_epoch(1)
-            batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
-            with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
-                step()
-            r["tflop_per_step"] = round(counter.get_total_flops() / 1e12, 3)
-            r["tflops"] = round(r["tflop_per_step"] / sec, 1)
-            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-            if peak:
-                r["fraction_of_bf16_peak"] = round(r["tflops"] / peak, 3)
         else:
             r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        sampler.set_epoch(1)
+        batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
+        # one more (untimed) step, counting its FLOPs; eager, because compiled kernels bypass the counter
+        eager = torch.compiler.set_stance("force_eager") if args.compile else contextlib.nullcontext()
+        with eager, FlopCounterMode(display=False) as counter:
+            step()
+        r["tflop_per_step"] = round(counter.get_total_flops() / 1e12, 4)
+        r["tflops"] = round(r["tflop_per_step"] / sec, 3)
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in result_device(device)), None)
+        if peak:
+            r["fraction_of_bf16_peak"] = round(r["tflops"] / peak, 3)
         results[name] = r
         models[name] = (model, opt)
         sampler.set_epoch(0)
@@ -139,27 +147,28 @@ def mhe_share(args, device, results, models):
     def regulariser():
         byol_mhe.mhe_regulariser(model, ("projector", "predictor"), args.pow).backward()
         opt.zero_grad(set_to_none=True)
-    reg = timed(regulariser, device, 5)
+    reg = timed(regulariser, device, args.mhe_repeats)
     out = {"regulariser_s": round(reg, 4), "share_of_byol_mhe_step": round(reg / results["byol_mhe"]["step_s"], 4)}
     if "byol" in results:
         out["byol_mhe_over_byol"] = round(results["byol_mhe"]["step_s"] / results["byol"]["step_s"], 4)
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method (after one warm-up)")
     p.add_argument("--arch", default="resnet18", choices=tuple(common.ARCHS))
     p.add_argument("--pow", default="a2", choices=common.MHE_POWERS)
+    p.add_argument("--mhe-repeats", type=int, default=5, help="timed runs of the Eq. 7 regulariser alone")
     p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr")
     p.add_argument("--augment-images", type=int, default=2048, help="images for the augmentation comparison")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: augmentation,training")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = common.resolve_device(args.device)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+    result = {"device": result_device(device),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
               "arch": args.arch, "compile": args.compile}
     if "augmentation" not in args.skip:
@@ -169,6 +178,7 @@ def main():
         result["training"], models = training_speed(args, device)
         result["mhe"] = mhe_share(args, device, result["training"], models)
     print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

@@ -974,6 +974,7 @@ def resolve_device(name):
         raise UserError("--device cuda was asked for but no CUDA device is available")
     if name == "cuda":
         torch.set_float32_matmul_precision("high")  # fp32 matmuls (the MHE Gram, k-NN) on TF32 tensor cores
+        torch.backends.cudnn.benchmark = True       # batch shapes never change: time cuDNN's convolutions once
     return torch.device(name)
 
 

@@ -915,30 +915,41 @@ SUBNETWORKS = ("encoder", "projector", "predictor")
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # torchvision ResNet stages (Fig. 4)
 
 
-def representation_analysis(model, images, dataset, image_size, views, power, device, workers=0):
+def representation_analysis(model, images, dataset, image_size, views, power, device, workers=0, on_device=False):
     """The paper's uniformity analysis on a fixed set of eval images (labels unused):
     uniformity (Eq. 2, t=2) of the L2-normalised encoder features; alignment (Eq. A.1) between the features of
     two augmented views of each image; the MHE objective of each sub-network with `power` (Fig. 5b); and the
-    hyperspherical energy of each ResNet stage's globally pooled output over the images (Fig. 4)."""
+    hyperspherical energy of each ResNet stage's globally pooled output over the images (Fig. 4).
+
+    The views are the same at every evaluation. on_device: the images (of an in-memory dataset) are transformed
+    on the device by eval_view and batched_view; otherwise per image by PIL in DataLoader workers."""
     encoder = model.encoder
+    if on_device:
+        uint8 = uint8_images(images).to(device).split(256)
+        clean = (eval_view(x, dataset, image_size) for x in uint8)
+        g = torch.Generator(device).manual_seed(0)
+        pairs = (tuple(batched_view(x, dataset, image_size, *v, g) for v in views) for x in uint8)
+    else:
+        kw = dict(batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
+        clean = (x for x, _ in DataLoader(Transformed(images, eval_transform(dataset, image_size)), **kw))
+        pairs = DataLoader(TwoViews(images, *(ssl_augmentation(dataset, image_size, *v) for v in views)),
+                           sampler=[(i, i) for i in range(len(images))], **kw)  # seed i for image i
+
+    def encode(x):
+        with autocast(device):
+            return encoder(to_device(x, device)).float()
+
     pooled = {name: [] for name in STAGES if hasattr(encoder, name)}
     hooks = [getattr(encoder, name).register_forward_hook(
         lambda module, inputs, output, name=name: pooled[name].append(output.float().mean(dim=(2, 3))))
         for name in pooled]
-    kw = dict(batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
-    try:
-        feats, _ = extract_features(encoder, DataLoader(Transformed(images, eval_transform(dataset, image_size)),
-                                                        **kw), device)
-    finally:
-        for h in hooks:
-            h.remove()
-    pairs = TwoViews(images, *(ssl_augmentation(dataset, image_size, *v) for v in views))
-    f1, f2 = [], []
     with eval_mode(encoder):
-        for x1, x2 in DataLoader(pairs, sampler=[(i, i) for i in range(len(images))], **kw):  # fixed views
-            with autocast(device):
-                f1.append(encoder(to_device(x1, device)).float())
-                f2.append(encoder(to_device(x2, device)).float())
+        try:
+            feats = torch.cat([encode(x) for x in clean])
+        finally:
+            for h in hooks:
+                h.remove()
+        f1, f2 = zip(*[(encode(x1), encode(x2)) for x1, x2 in pairs])
         row = {"uniformity": uniformity_loss(feats).item(),
                "alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
         for part in SUBNETWORKS:
@@ -1221,7 +1232,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 if args.analysis_samples:
                     images = Subset(data.eval, range(min(args.analysis_samples, len(data.eval))))
                     row.update(representation_analysis(model, images, args.dataset, args.image_size, views,
-                                                       getattr(args, "pow", None) or "a2", device, args.workers))
+                                                       getattr(args, "pow", None) or "a2", device, args.workers,
+                                                       on_device))
                 row["eval_seconds"] = round(time.time() - t1, 3)
             checkpoint(epoch + 1)
             with open(out / "metrics.jsonl", "a") as f:

@@ -886,13 +886,18 @@ def eval_mode(module):
             m.training = training
 
 
+def encode(encoder, x, device):
+    """The features of one batch x: moved to the device, encoded under its autocast, returned in float32."""
+    with autocast(device):
+        return encoder(to_device(x, device)).float()
+
+
 def extract_features(encoder, loader, device, normalize=True):
     """Encoder features (L2-normalised unless normalize=False) and labels of a whole loader, in fp32."""
     feats, labels = [], []
     with eval_mode(encoder):
         for x, y in loader:
-            with autocast(device):
-                f = encoder(to_device(x, device)).float()
+            f = encode(encoder, x, device)
             feats.append(F.normalize(f, dim=1) if normalize else f)
             labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
@@ -924,20 +929,15 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
     The views are the same at every evaluation. on_device: the images (of an in-memory dataset) are transformed
     on the device by eval_view and batched_view; otherwise per image by PIL in DataLoader workers."""
     encoder = model.encoder
+    clean = (x for x, _ in eval_batches(images, dataset, image_size, 256, workers, device if on_device else None))
     if on_device:
-        uint8 = uint8_images(images).to(device).split(256)
-        clean = (eval_view(x, dataset, image_size) for x in uint8)
         g = torch.Generator(device).manual_seed(0)
-        pairs = (tuple(batched_view(x, dataset, image_size, *v, g) for v in views) for x in uint8)
+        pairs = (tuple(batched_view(x, dataset, image_size, *v, g) for v in views)
+                 for x in uint8_images(images).to(device).split(256))
     else:
-        kw = dict(batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
-        clean = (x for x, _ in DataLoader(Transformed(images, eval_transform(dataset, image_size)), **kw))
         pairs = DataLoader(TwoViews(images, *(ssl_augmentation(dataset, image_size, *v) for v in views)),
-                           sampler=[(i, i) for i in range(len(images))], **kw)  # seed i for image i
-
-    def encode(x):
-        with autocast(device):
-            return encoder(to_device(x, device)).float()
+                           sampler=[(i, i) for i in range(len(images))],  # seed i for image i
+                           batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
 
     pooled = {name: [] for name in STAGES if hasattr(encoder, name)}
     hooks = [getattr(encoder, name).register_forward_hook(
@@ -945,11 +945,11 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
         for name in pooled]
     with eval_mode(encoder):
         try:
-            feats = torch.cat([encode(x) for x in clean])
+            feats = torch.cat([encode(encoder, x, device) for x in clean])
         finally:
             for h in hooks:
                 h.remove()
-        f1, f2 = zip(*[(encode(x1), encode(x2)) for x1, x2 in pairs])
+        f1, f2 = zip(*[(encode(encoder, x1, device), encode(encoder, x2, device)) for x1, x2 in pairs])
         row = {"uniformity": uniformity_loss(feats).item(),
                "alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
         for part in SUBNETWORKS:
@@ -960,14 +960,18 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
     return row
 
 
-def eval_loaders(data, dataset, image_size, batch_size, workers, device=None):
-    """(images, labels) batches of the bank and eval splits through the evaluation transform: on `device` from
-    uint8 (DeviceBatches) when one is given and the dataset is in memory, else per image in DataLoader workers."""
+def eval_batches(ds, dataset, image_size, batch_size, workers, device=None):
+    """(images, labels) batches of one split, in order, through the evaluation transform: on `device` from uint8
+    (DeviceBatches) when one is given and the dataset is in memory, else per image in DataLoader workers."""
     if device is not None and dataset in IN_MEMORY:
-        return tuple(DeviceBatches(ds, dataset, image_size, batch_size, device) for ds in (data.bank, data.eval))
-    tf = eval_transform(dataset, image_size)
-    kw = dict(batch_size=batch_size, num_workers=workers, worker_init_fn=_workers_ignore_signals)
-    return DataLoader(Transformed(data.bank, tf), **kw), DataLoader(Transformed(data.eval, tf), **kw)
+        return DeviceBatches(ds, dataset, image_size, batch_size, device)
+    return DataLoader(Transformed(ds, eval_transform(dataset, image_size)), batch_size=batch_size,
+                      num_workers=workers, worker_init_fn=_workers_ignore_signals)
+
+
+def eval_loaders(data, dataset, image_size, batch_size, workers, device=None):
+    """eval_batches of the bank (labelled train) and eval splits."""
+    return tuple(eval_batches(ds, dataset, image_size, batch_size, workers, device) for ds in (data.bank, data.eval))
 
 
 def use_device_data(augment, dataset):

@@ -150,8 +150,8 @@ def main(argv=None):
     knn_top1 = common.accuracy(knn, labels, 1)
 
     def encode_images(x):
-        with torch.no_grad(), common.autocast(device):
-            return encoder(common.to_device(x, device)).float()
+        with torch.no_grad():
+            return common.encode(encoder, x, device)
 
     g = torch.Generator().manual_seed(args.seed)
     encode = encode_images

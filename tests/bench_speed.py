@@ -80,35 +80,39 @@ def augmentation_speed(n_images, batch, device):
     return out
 
 
-def method_setups(args, device):
-    """(name, model, loss_fn, after_step) for each method with its paper defaults, built by the methods' own code."""
-    enc = lambda: common.build_encoder(args.arch, "cifar")  # noqa: E731
-    settings = argparse.Namespace(unif_weight=0.125, unif_t=2.0, mhe_weight=10.0, pow=args.pow,
-                                  mhe_on=("projector", "predictor"))
-    byol_terms = {"byol": None, "byol_uniformity": byol_uniformity.uniformity_term(settings),
-                  "byol_mhe": byol_mhe.mhe_term(settings)}
-    for name in args.methods.split(","):
+def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simclr_proj_dim=128):
+    """(name, model, loss_fn, after_step, views) for each method, built by the methods' own code with their CIFAR-10
+    settings, read from their parsers and presets. encoder() -> (module, feature size); the widths are the heads'."""
+    cifar = ["--dataset", "cifar10"]
+    uniformity = byol_uniformity.build_parser().parse_args(cifar)
+    mhe = byol_mhe.build_parser().parse_args(cifar + ["--pow", pow])
+    mhe.mhe_weight = byol_mhe.MHE_WEIGHT["cifar10"]  # Appendix C.1, the default byol_mhe.main fills in
+    byol_terms = {"byol": None, "byol_uniformity": byol_uniformity.uniformity_term(uniformity),
+                  "byol_mhe": byol_mhe.mhe_term(mhe)}
+    tau, temperature = byol.PRESETS["cifar10"][300]["tau_base"], simclr.PRESETS["cifar10"][300]["temperature"]
+    for name in names:
         torch.manual_seed(0)
         if name == "simclr":
-            model = simclr.SimCLR(*enc())
-            yield name, model, lambda m, a, b: (simclr.nt_xent(*m(a, b), 0.5), {}), None
+            yield (name, simclr.SimCLR(*encoder(), simclr_proj_dim),
+                   lambda m, a, b: (simclr.nt_xent(*m(a, b), temperature), {}), None, simclr.VIEWS)
         else:
-            model = byol.BYOL(*enc())
             extra = byol_terms[name]
-            yield (name, model, lambda m, a, b, extra=extra: byol.loss_terms(m, a, b, extra),
-                   lambda m: m.update_target(0.99))
+            yield (name, byol.BYOL(*encoder(), hidden_dim, proj_dim),
+                   lambda m, a, b, extra=extra: byol.loss_terms(m, a, b, extra), lambda m: m.update_target(tau),
+                   byol.VIEWS)
 
 
 def training_speed(args, device):
     b = args.batch_size
     images = torch.randint(0, 256, (b * (args.steps + 1), 3, 32, 32), dtype=torch.uint8).to(device)
     sampler = common.EpochBatches(len(images), b, args.steps + 1, 1, seed=0)
-    views = {"simclr": simclr.VIEWS}
     results, models = {}, {}
-    for name, model, loss_fn, after in method_setups(args, device):
+    encoder = lambda: common.build_encoder(args.arch, "cifar")  # noqa: E731
+    for name, model, loss_fn, after, views in method_setups(args.methods.split(","), encoder, args.pow):
         common.place(model, device, args.compile)
         opt = common.LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
-        batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
+        loader = common.DeviceViews(images, sampler, "cifar10", 32, views)
+        batches = iter(loader)
 
         def step():
             common.train_step(model, opt, loss_fn, batches, 1, device)
@@ -123,7 +127,7 @@ def training_speed(args, device):
         else:
             r["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         sampler.set_epoch(1)
-        batches = iter(common.DeviceViews(images, sampler, "cifar10", 32, views.get(name, byol.VIEWS)))
+        batches = iter(loader)
         # one more (untimed) step, counting its FLOPs; eager, because compiled kernels bypass the counter
         eager = torch.compiler.set_stance("force_eager") if args.compile else contextlib.nullcontext()
         with eager, FlopCounterMode(display=False) as counter:

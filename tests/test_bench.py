@@ -1,11 +1,8 @@
 """The speed benchmark (tests/bench_speed.py) at a tiny size on the CPU: it runs every part it has, and what it
 counts agrees with the arithmetic of the speed issue."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_speed  # noqa: E402
+import bench_speed
 
 
 def test_benchmark_runs_and_counts_the_expected_flops(capsys):

@@ -3,16 +3,14 @@
 On CUDA a step must never wait for the host: no value read back from the device (.item(), nonzero, boolean
 masks...), no tensor built on the host and copied over. And it runs under bf16 autocast with channels_last
 tensors, where the losses and the measures of the paper must stay float32 and close to their float32 values."""
-import argparse
 import functools
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import bench_speed
 import byol
-import byol_mhe
-import byol_uniformity
 import common
 import simclr
 from conftest import TinyEncoder
@@ -38,20 +36,10 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def methods():
-    """(name, model, loss_fn, after_step, views) for each method with a tiny encoder."""
-    settings = argparse.Namespace(unif_weight=0.125, unif_t=2.0, mhe_weight=10.0, pow="a2",
-                                  mhe_on=("projector", "predictor"))
-    extras = {"byol": None, "byol_uniformity": byol_uniformity.uniformity_term(settings),
-              "byol_mhe": byol_mhe.mhe_term(settings)}
-    for name, extra in extras.items():
-        torch.manual_seed(0)
-        yield (name, byol.BYOL(TinyEncoder(), 16, 64, 32),
-               lambda m, a, b, extra=extra: byol.loss_terms(m, a, b, extra), lambda m: m.update_target(0.99),
-               byol.VIEWS)
-    torch.manual_seed(0)
-    yield "simclr", simclr.SimCLR(TinyEncoder(), 16, 8), lambda m, a, b: (simclr.nt_xent(*m(a, b), 0.5), {}), None, \
-        simclr.VIEWS
+def setup(name):
+    """(name, model, loss_fn, after_step, views) of one method, as the benchmark builds it, with a tiny encoder."""
+    return next(bench_speed.method_setups([name], lambda: (TinyEncoder(), 16), hidden_dim=64, proj_dim=32,
+                                          simclr_proj_dim=8))
 
 
 @pytest.mark.parametrize("name", ["byol", "byol_uniformity", "byol_mhe", "simclr"])
@@ -59,7 +47,7 @@ def test_a_step_never_waits_for_the_device(name, monkeypatch):
     """Both views made from uint8 images, forward, backward, LARS, EMA: run with the CUDA choices (colour jitter on
     the whole batch) while the default device is 'meta', so any tensor built without an explicit device (a host
     tensor on CUDA) fails to mix with the real ones, and while every host read is recorded."""
-    _, model, loss_fn, after, views = next(m for m in methods() if m[0] == name)
+    _, model, loss_fn, after, views = setup(name)
     monkeypatch.setattr(common, "colour_jitter", functools.partial(common.colour_jitter, whole_batch=True))
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
@@ -117,7 +105,7 @@ def test_a_bf16_channels_last_step_stays_close_to_float32(name, monkeypatch):
     """train_step with CUDA's settings (bf16 autocast, channels_last model and inputs) against the float32 step from
         the same weights and views: float32 terms within bf16 rounding of the float32 ones, finite float32 gradients
     pointing the same way."""
-    _, model, loss_fn, _, views = next(m for m in methods() if m[0] == name)
+    _, model, loss_fn, _, views = setup(name)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     x1, x2 = (common.batched_view(images, "cifar10", 32, *v, torch.Generator().manual_seed(i))
               for i, v in enumerate(views))

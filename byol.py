@@ -74,14 +74,16 @@ class BYOL(nn.Module):
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)  # g_xi
 
     def forward(self, x1, x2):
-        """Views x1, x2 (B, 3, H, W) -> projections z, predictions p (online) and targets z_xi, each (B, proj_dim).
-        Each view is a separate forward pass, so BatchNorm statistics are per view, as in BYOL."""
-        z1, z2 = self.projector(self.encoder(x1)), self.projector(self.encoder(x2))
+        """Views x1, x2 (B, 3, H, W) -> encoder features h (B, feature_dim), projections z, predictions p (online)
+        and targets z_xi, each (B, proj_dim). Each view is a separate forward pass, so BatchNorm statistics are per
+        view, as in BYOL."""
+        h1, h2 = self.encoder(x1), self.encoder(x2)
+        z1, z2 = self.projector(h1), self.projector(h2)
         p1, p2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
             t1 = self.target_projector(self.target_encoder(x1))
             t2 = self.target_projector(self.target_encoder(x2))
-        return dict(z1=z1, z2=z2, p1=p1, p2=p2, t1=t1, t2=t2)
+        return dict(h1=h1, h2=h2, z1=z1, z2=z2, p1=p1, p2=p2, t1=t1, t2=t2)
 
     def online_target_pairs(self):
         return [(self.encoder, self.target_encoder), (self.projector, self.target_projector)]

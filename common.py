@@ -133,8 +133,9 @@ def base_parser():
     g.add_argument("--knn-k", type=int, default=200, help="neighbours of the k-NN monitor (InstDisc)")
     g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the k-NN vote weights exp(s/t)")
     g.add_argument("--analysis-samples", type=int, default=1024,
-                   help="eval images for the uniformity analysis logged with each k-NN evaluation: uniformity, "
-                        "alignment, MHE per sub-network, energy per ResNet stage (Figs. 4, 5); 0 turns it off")
+                   help="eval images (drawn once with a fixed seed over the whole eval split) for the uniformity "
+                        "analysis logged with each k-NN evaluation as eval_uniformity, eval_alignment, "
+                        "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5); 0 turns it off")
     g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps")
     return p
 
@@ -178,6 +179,8 @@ def check_args(args):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}")
     if args.workers < 0:
         raise UserError("--workers must be >= 0")
+    if args.analysis_samples < 0:
+        raise UserError("--analysis-samples must be >= 0")
     if args.augment == "batched" and args.dataset not in IN_MEMORY:
         raise UserError(f"--augment batched needs an in-memory dataset ({', '.join(IN_MEMORY)}), not {args.dataset}")
 
@@ -917,14 +920,29 @@ def accuracy(scores, labels, k=1):
 
 
 SUBNETWORKS = ("encoder", "projector", "predictor")
-STAGES = ("layer1", "layer2", "layer3", "layer4")  # torchvision ResNet stages (Fig. 4)
+
+
+def analysis_images(ds, n, seed=0):
+    """The uniformity analysis' images: n of the split drawn once with a fixed seed, spread over the whole split
+    (the first n of a class-sorted ImageFolder would cover a few classes), the same at every evaluation and run."""
+    index = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(ds, index.sort().values.tolist())
+
+
+def residual_blocks(encoder):
+    """{torchvision module path: block} of every residual block of a ResNet, e.g. layer1.0 ... layer4.1 for
+    ResNet-18 (8 blocks), layer1.0 ... layer4.2 for ResNet-50 (16). A stage's output is its last block's output."""
+    kinds = (torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+    return {name: m for name, m in encoder.named_modules() if isinstance(m, kinds)}
 
 
 def representation_analysis(model, images, dataset, image_size, views, power, device, workers=0, on_device=False):
-    """The paper's uniformity analysis on a fixed set of eval images (labels unused):
-    uniformity (Eq. 2, t=2) of the L2-normalised encoder features; alignment (Eq. A.1) between the features of
-    two augmented views of each image; the MHE objective of each sub-network with `power` (Fig. 5b); and the
-    hyperspherical energy of each ResNet stage's globally pooled output over the images (Fig. 4).
+    """The paper's uniformity analysis on a fixed set of eval images (labels unused), logged under eval_ names so
+    that no training term is overwritten: eval_uniformity (Eq. 2, t=2) of the L2-normalised encoder features;
+    eval_alignment (Eq. A.1) between the features of two augmented views of each image; eval_mhe_<sub-network>,
+    the MHE objective of each sub-network with `power` (Fig. 5b); and eval_energy_<block>, the hyperspherical
+    energy of each ResNet block's globally pooled output over the images (Fig. 4: "the output of each ResNet
+    block"), named by the block's torchvision module path (eval_energy_layer1.0, ...).
 
     The views are the same at every evaluation. on_device: the images (of an in-memory dataset) are transformed
     on the device by eval_view and batched_view; otherwise per image by PIL in DataLoader workers."""
@@ -932,17 +950,18 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
     clean = (x for x, _ in eval_batches(images, dataset, image_size, 256, workers, device if on_device else None))
     if on_device:
         g = torch.Generator(device).manual_seed(0)
-        pairs = (tuple(batched_view(x, dataset, image_size, *v, g) for v in views)
+        pairs = (tuple(batched_view(x, dataset, image_size, *v, g=g) for v in views)
                  for x in uint8_images(images).to(device).split(256))
     else:
         pairs = DataLoader(TwoViews(images, *(ssl_augmentation(dataset, image_size, *v) for v in views)),
                            sampler=[(i, i) for i in range(len(images))],  # seed i for image i
                            batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
 
-    pooled = {name: [] for name in STAGES if hasattr(encoder, name)}
-    hooks = [getattr(encoder, name).register_forward_hook(
+    blocks = residual_blocks(encoder)
+    pooled = {name: [] for name in blocks}
+    hooks = [block.register_forward_hook(
         lambda module, inputs, output, name=name: pooled[name].append(output.float().mean(dim=(2, 3))))
-        for name in pooled]
+        for name, block in blocks.items()]
     with eval_mode(encoder):
         try:
             feats = torch.cat([encode(encoder, x, device) for x in clean])
@@ -950,13 +969,13 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
             for h in hooks:
                 h.remove()
         f1, f2 = zip(*[(encode(encoder, x1, device), encode(encoder, x2, device)) for x1, x2 in pairs])
-        row = {"uniformity": uniformity_loss(feats).item(),
-               "alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
+        row = {"eval_uniformity": uniformity_loss(feats).item(),
+               "eval_alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
         for part in SUBNETWORKS:
             if hasattr(model, part):
-                row[f"mhe_{part}"] = total_energy(layer_weights(getattr(model, part)), power).item()
+                row[f"eval_mhe_{part}"] = total_energy(layer_weights(getattr(model, part)), power).item()
         for name, outputs in pooled.items():
-            row[f"energy_{name}"] = hyperspherical_energy(torch.cat(outputs), power).item()
+            row[f"eval_energy_{name}"] = hyperspherical_energy(torch.cat(outputs), power).item()
     return row
 
 
@@ -1234,7 +1253,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 row["knn_top1"] = knn_accuracy(model.encoder, bank_loader, eval_loader, data.num_classes, device,
                                                args.knn_k, args.knn_t)
                 if args.analysis_samples:
-                    images = Subset(data.eval, range(min(args.analysis_samples, len(data.eval))))
+                    images = analysis_images(data.eval, args.analysis_samples)
                     row.update(representation_analysis(model, images, args.dataset, args.image_size, views,
                                                        getattr(args, "pow", None) or "a2", device, args.workers,
                                                        on_device))

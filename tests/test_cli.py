@@ -40,11 +40,14 @@ def test_byol_cifar_pretrain_writes_a_self_describing_run(cifar_run):
     for key in ("epoch", "step", "loss", "byol", "lr", "tau", "knn_top1", "seconds", "images_per_s"):
         assert key in row
     assert row["step"] == 50 // 16 and 0 <= row["loss"] <= 8 and 0 <= row["knn_top1"] <= 100
-    # the paper's uniformity analysis (Figs. 4, 5), logged for plain BYOL too, with the a2 kernel
-    analysis = ["uniformity", "alignment", "mhe_encoder", "mhe_projector", "mhe_predictor"]
-    for key in analysis + [f"energy_layer{i}" for i in range(1, 5)]:
+    # the paper's uniformity analysis (Figs. 4, 5), logged for plain BYOL too, with the a2 kernel, under eval_ names:
+    # the energy of each of ResNet-18's 8 blocks (Fig. 4) by its torchvision module path
+    analysis = ["eval_uniformity", "eval_alignment", "eval_mhe_encoder", "eval_mhe_projector", "eval_mhe_predictor"]
+    blocks = [f"eval_energy_layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    for key in analysis + blocks:
         assert isinstance(row[key], float) and row[key] == row[key], key
-    assert -4 <= row["uniformity"] <= 0 and 0 <= row["alignment"] <= 4
+    assert not {"uniformity", "alignment"} & set(row) and not [k for k in row if k.startswith("energy")]
+    assert -4 <= row["eval_uniformity"] <= 0 and 0 <= row["eval_alignment"] <= 4
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["format"] == "hyperreg-1" and ckpt["method"] == "byol" and ckpt["epoch"] == 1
     assert ckpt["args"]["arch"] == "resnet18" and ckpt["args"]["accum_steps"] == 2 and "byol.py" in ckpt["argv"][0]
@@ -102,7 +105,7 @@ def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
     proc = check_ok(run_script(script, "--data-dir", cifar_dir, "--batch-size", "24", "--out-dir", out,
                                *flags, *TINY))
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row[term] == row[term] and "byol" in row and "uniformity" in row
+    assert row[term] == row[term] and "byol" in row and "eval_uniformity" in row
     args = json.loads((out / "args.json").read_text())
     if script == "byol_mhe.py":
         assert "Eq. 7" in proc.stdout and args["pow"] == flags[1]

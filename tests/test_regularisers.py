@@ -10,6 +10,7 @@ import byol
 import byol_mhe
 import byol_uniformity
 import common
+from conftest import write_folder
 from test_training import tiny_argv, tiny_byol
 
 POWERS = common.MHE_POWERS
@@ -159,16 +160,61 @@ def test_representation_analysis_on_the_device_agrees_with_the_per_image_path(ci
     images = torch.utils.data.Subset(data.eval, range(16))
     torch.manual_seed(0)
     model = byol.BYOL(*common.build_encoder("resnet18", "cifar"), 64, 32)
+    for m in model.encoder.modules():  # undo zero_init_residual: every block changes its input
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
     args = (model, images, "cifar10", 32, byol.VIEWS, "a2", torch.device("cpu"))
     pil = common.representation_analysis(*args)
     batched = common.representation_analysis(*args, on_device=True)
     assert common.representation_analysis(*args, on_device=True) == batched
-    assert set(batched) == set(pil) >= {"uniformity", "alignment", "mhe_encoder", "mhe_projector", "mhe_predictor",
-                                        "energy_layer1", "energy_layer4"}
+    blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]  # ResNet-18's 8 blocks (Fig. 4)
+    assert set(batched) == set(pil) == {"eval_uniformity", "eval_alignment", "eval_mhe_encoder", "eval_mhe_projector",
+                                        "eval_mhe_predictor", *(f"eval_energy_{b}" for b in blocks)}
     for part in ("encoder", "projector", "predictor"):
-        assert batched[f"mhe_{part}"] == pil[f"mhe_{part}"]
-    assert abs(batched["uniformity"] - pil["uniformity"]) <= 1e-3 * abs(pil["uniformity"])  # measured 1.6e-5
-    for stage in common.STAGES:  # measured 1.5 % (layer1) to 0.1 % (layer4): the near-parallel pooled features of
-        key = f"energy_{stage}"  # a random network make 1/angle^2 sensitive to the last bits of the pixels
+        assert batched[f"eval_mhe_{part}"] == pil[f"eval_mhe_{part}"]
+    assert abs(batched["eval_uniformity"] - pil["eval_uniformity"]) <= 1e-3 * abs(pil["eval_uniformity"])
+    for block in blocks:  # the near-parallel pooled features of a random network make 1/angle^2 sensitive to the
+        key = f"eval_energy_{block}"  # last bits of the pixels
         assert abs(batched[key] - pil[key]) <= 0.04 * pil[key], key
-    assert 0 < batched["alignment"] < 4 and 0 < pil["alignment"] < 4  # from different random views
+    assert 0 < batched["eval_alignment"] < 4 and 0 < pil["eval_alignment"] < 4  # from different random views
+
+    # Fig. 4, "the output of each ResNet block": each block's globally pooled output over the images, Eq. A.3
+    pooled = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: pooled.__setitem__(n, o.mean(dim=(2, 3))))
+             for n, m in model.encoder.named_modules() if n in blocks]
+    with torch.no_grad():
+        model.encoder.eval()(common.eval_view(common.uint8_images(images), "cifar10", 32))
+    for h in hooks:
+        h.remove()
+    for block in blocks:
+        expect = common.hyperspherical_energy(pooled[block], "a2").item()
+        assert batched[f"eval_energy_{block}"] == pytest.approx(expect, rel=1e-4), block
+
+
+def test_analysis_images_are_fixed_and_spread_over_a_class_sorted_folder(tmp_path):
+    """ImageFolder sorts a split by class: the analysis draws its images once with a fixed seed over the whole
+    split (not its first n), the same at every evaluation and in every run."""
+    data = common.load_data("folder", write_folder(tmp_path, classes=4, n_train=2, n_val=5, size=8), "test")
+    first = common.labels_of(torch.utils.data.Subset(data.eval, range(8)))
+    assert first.unique().tolist() == [0, 1]  # what the first 8 of the split would have covered
+    chosen = common.analysis_images(data.eval, 8)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert len(chosen) == 8 and chosen.indices == common.analysis_images(data.eval, 8).indices
+    assert len(set(chosen.indices)) == 8 and chosen.indices != list(range(8))
+    assert len(common.labels_of(chosen).unique()) >= 3
+    assert len(common.analysis_images(data.eval, 100)) == 20  # at most the whole split
+
+
+def test_uniformity_term_on_projector_or_encoder():
+    """--unif-on: Eq. 2 averaged over the two views' online projections z (default) or encoder features h."""
+    torch.manual_seed(8)
+    out = {k: torch.randn(6, 5) for k in ("h1", "h2", "z1", "z2")}
+    for on, (a, b) in (("projector", ("z1", "z2")), ("encoder", ("h1", "h2"))):
+        argv = ["--unif-on", on, "--unif-weight", "0.3"] if on == "encoder" else ["--unif-weight", "0.3"]
+        args = byol_uniformity.build_parser().parse_args(argv)
+        (lam, value), = byol_uniformity.uniformity_term(args)(None, out).values()
+        expect = (common.uniformity_loss(out[a]) + common.uniformity_loss(out[b])) / 2
+        assert lam == 0.3 and value.item() == pytest.approx(expect.item(), rel=1e-6)
+    model = tiny_byol()
+    out = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert out["h1"].shape == (4, 16) and out["z1"].shape == (4, 8)  # BYOL.forward gives both

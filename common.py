@@ -782,6 +782,11 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_sub_(weights + others, buffers)
 
 
+def scaled_lr(base_lr, batch_size):
+    """Appendix B.2: LR = LR_base x BatchSize / 256 (also the linear probe's, as BYOL's evaluation scales it)."""
+    return base_lr * batch_size / 256
+
+
 def lr_at(step, total_steps, warmup_steps, peak_lr):
     """Appendix B.2: linear warm-up from 0 to peak_lr over warmup_steps, then cosine decay to 0 at total_steps.
     peak_lr = LR_base * batch / 256."""
@@ -1165,7 +1170,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    peak_lr = args.base_lr * args.batch_size / 256  # Appendix B.2: LR = LR_base * BatchSize / 256
+    peak_lr = scaled_lr(args.base_lr, args.batch_size)  # Appendix B.2: LR = LR_base * BatchSize / 256
 
     out = prepare_run_folder(args, args.method)
     place(model, device, args.compile)

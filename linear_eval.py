@@ -38,7 +38,9 @@ def build_parser():
     g = p.add_argument_group("linear probe (Appendix D)")
     g.add_argument("--epochs", type=int, default=80, help="ft_epochs, Appendix D")
     g.add_argument("--batch-size", type=int, default=100, help="ft_batch_size, Appendix D")
-    g.add_argument("--lr", type=float, default=0.2, help="ft_learning_rate, Appendix D; cosine decay to 0")
+    g.add_argument("--lr", type=float, default=0.2,
+                   help="base LR (Appendix D's ft_learning_rate); the probe's LR is lr x batch-size / 256 (0.078 "
+                        "at the defaults), with a cosine decay to 0")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=0.0, help="ft_weight_decay, Appendix D")
     g.add_argument("--precompute", action="store_true",
@@ -84,14 +86,14 @@ def sanity_check(module, before):
         raise RuntimeError(f"the frozen encoder changed during linear evaluation: {changed[:5]}")
 
 
-def train_probe(probe, loader, encode, args, device):
-    """SGD with momentum and a per-step cosine LR from args.lr to 0 (Appendix D), cross-entropy on encode(x)."""
-    opt = torch.optim.SGD(probe.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+def train_probe(probe, loader, encode, lr, args, device):
+    """SGD with momentum and a per-step cosine LR from lr to 0 (Appendix D), cross-entropy on encode(x)."""
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     total, step = args.epochs * len(loader), 0
     for _ in tqdm(range(args.epochs), desc="linear probe", dynamic_ncols=True, mininterval=1.0):
         for x, y in loader:
             for group in opt.param_groups:
-                group["lr"] = common.lr_at(step, total, 0, args.lr)
+                group["lr"] = common.lr_at(step, total, 0, lr)
             loss = F.cross_entropy(probe(encode(x)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,8 +139,10 @@ def main(argv=None):
     bank_loader, eval_loader = common.eval_loaders(data, dataset, image_size, 512, args.workers,
                                                    device if on_device else None)
     t0 = time.time()
+    effective_lr = common.scaled_lr(args.lr, args.batch_size)
     print(f"# linear evaluation of {args.checkpoint or 'a random encoder'} on {dataset} ({args.eval_split}), "
-          f"{len(data.bank)} train / {len(data.eval)} eval images, {args.epochs} epochs"
+          f"{len(data.bank)} train / {len(data.eval)} eval images, {args.epochs} epochs, batch {args.batch_size}, "
+          f"LR {args.lr} x {args.batch_size} / 256 = {effective_lr:.4g}"
           + (", precomputed features" if args.precompute else ""))
 
     # One pass over each split: the eval transform is deterministic, so these are the features the probe sees at
@@ -165,7 +169,7 @@ def main(argv=None):
                             batch_size=args.batch_size, shuffle=True, generator=g, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
     with common.eval_mode(encoder), torch.enable_grad():
-        last_loss = train_probe(probe, loader, encode, args, device)
+        last_loss = train_probe(probe, loader, encode, effective_lr, args, device)
     with torch.no_grad():
         logits = probe(queries)
     sanity_check(encoder, before)
@@ -173,7 +177,9 @@ def main(argv=None):
     result = {"checkpoint": args.checkpoint, "method": trained.get("method"), "dataset": dataset,
               "eval_split": args.eval_split, "top1": common.accuracy(logits, labels, 1),
               "top5": common.accuracy(logits, labels, 5),
-              "knn_top1": knn_top1, "knn_k": args.knn_k, "epochs": args.epochs, "precompute": args.precompute,
+              "knn_top1": knn_top1, "knn_k": args.knn_k, "knn_t": args.knn_t, "epochs": args.epochs,
+              "batch_size": args.batch_size, "lr": args.lr, "effective_lr": effective_lr,
+              "precompute": args.precompute,
               "final_train_loss": last_loss, "encoder_unchanged": True, "seconds": round(time.time() - t0, 1)}
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  knn_top1 {knn_top1:.2f}  -> {out}")

@@ -69,6 +69,9 @@ def test_linear_eval_on_byol_checkpoint(cifar_run, mode):
     assert res["encoder_unchanged"] and res["method"] == "byol" and res["precompute"] == ("--precompute" in mode)
     assert 0 <= res["top1"] <= res["top5"] <= 100 and 0 <= res["knn_top1"] <= 100
     assert f"top1 {res['top1']:.2f}" in proc.stdout
+    # Appendix D's ft_learning_rate 0.2 is a base LR: the probe trains at 0.2 x 100 / 256
+    assert (res["lr"], res["batch_size"], res["knn_k"], res["knn_t"]) == (0.2, 100, 200, 0.1)
+    assert res["effective_lr"] == pytest.approx(0.078125) and "LR 0.2 x 100 / 256 = 0.07812" in proc.stdout
 
 
 def test_linear_eval_random_init_baseline(cifar_dir, tmp_path):

@@ -43,6 +43,12 @@ def test_ema_tau():
     assert all(a <= b for a, b in zip(taus, taus[1:]))
 
 
+def test_scaled_lr():
+    """Appendix B.2, LR = LR_base x batch / 256; the linear probe's at Appendix D's defaults: 0.2 x 100 / 256."""
+    assert common.scaled_lr(1.5, 1024) == 6.0 and common.scaled_lr(0.3, 256) == 0.3
+    assert common.scaled_lr(0.2, 100) == pytest.approx(0.078125)
+
+
 def test_lr_warmup_then_cosine():
     peak, warm, total = 1.5 * 1024 / 256, 10, 110
     assert common.lr_at(0, total, warm, peak) == 0.0

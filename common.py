@@ -404,7 +404,7 @@ class DeviceViews:
         dev = self.images.device
         for index, seeds in self.sampler.micro_batches(dev):
             g = torch.Generator(dev).manual_seed(int(seeds[0]))
-            yield tuple(batched_view(self.images[index], self.dataset, self.size, *v, g) for v in self.views)
+            yield tuple(batched_view(self.images[index], self.dataset, self.size, *v, g=g) for v in self.views)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -417,19 +417,20 @@ def blur_kernel_size(image_size):
 
 # Appendix B.5, shared by the per-image pipeline below and the batched one (section "Batched augmentations").
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)           # area fraction; aspect ratio, log-uniform
-JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)   # BYOL's; a view may give its own (simclr.py)
 JITTER_P, GRAY_P, BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
 
 
-def ssl_augmentation(dataset, image_size, blur_p, solarize_p):
+def ssl_augmentation(dataset, image_size, blur_p, solarize_p, jitter=JITTER):
     """One view of Appendix B.5 for one PIL image, in the paper's order: crop, flip, colour jitter, grayscale, blur,
-    solarise. The readable reference, and the pipeline of imagenet/folder; see batched_view for the batched one."""
+    solarise. The readable reference, and the pipeline of imagenet/folder; see batched_view for the batched one.
+    A view specification is (blur_p, solarize_p) or (blur_p, solarize_p, jitter): `*view` fills these arguments."""
     info = DATASETS[dataset]
     ops = [
         T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         # ColorJitter applies brightness, contrast, saturation and hue in a random order for each image.
-        T.RandomApply([T.ColorJitter(**JITTER)], p=JITTER_P),
+        T.RandomApply([T.ColorJitter(**jitter)], p=JITTER_P),
         T.RandomGrayscale(p=GRAY_P),  # luma 0.2989 r + 0.587 g + 0.114 b
     ]
     if info.blur_solarize and blur_p > 0:
@@ -618,10 +619,10 @@ def _constants(device, values):
     return torch.tensor(values, device=device)
 
 
-def view_params(n, height, width, blur_p, solarize_p, g, device="cpu"):
+def view_params(n, height, width, blur_p, solarize_p, g, device="cpu", jitter=JITTER):
     """Every random parameter of one view (Appendix B.5) for each of n images of height x width, from generator g."""
     u = lambda *shape: torch.rand(*shape, device=device, generator=g)  # noqa: E731
-    b, c, s, h = JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"]
+    b, c, s, h = jitter["brightness"], jitter["contrast"], jitter["saturation"], jitter["hue"]
     device = torch.device(device)
     lo, hi = _constants(device, (1 - b, 1 - c, 1 - s, -h)), _constants(device, (1 + b, 1 + c, 1 + s, h))
     return dict(crop=sample_crops(n, height, width, g, device), flip=u(n) < 0.5,
@@ -651,9 +652,10 @@ def normalise(x, dataset):
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def batched_view(images, dataset, size, blur_p, solarize_p, g):
-    """One augmented view of every uint8 image (n, 3, H, W) on its device, each image with its own parameters."""
-    p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device)
+def batched_view(images, dataset, size, blur_p, solarize_p, jitter=JITTER, *, g):
+    """One augmented view of every uint8 image (n, 3, H, W) on its device, each image with its own parameters drawn
+    from generator g; `*view` of a view specification (see ssl_augmentation) fills blur_p, solarize_p, jitter."""
+    p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter)
     return apply_view(images, p, dataset, size)
 
 
@@ -1158,7 +1160,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
 
     model        nn.Module with an online encoder at `model.encoder` (the one evaluated and exported)
     loss_fn      (model, x1, x2) -> (loss, {name: scalar tensor}); the loss and each named term are logged
-    views        ((blur_p, solarize_p) of view 1, of view 2): Appendix B.5 augmentation probabilities
+    views        ((blur_p, solarize_p[, jitter]) of view 1, of view 2): Appendix B.5 augmentation probabilities and,
+                 optionally, the colour jitter (default JITTER, BYOL's)
     after_step   (model, step, total_steps) -> {name: float}, called once per optimizer step (e.g. the EMA)
     Returns 0 when training finished, 128 + signal number when it was stopped by a signal (checkpoint saved).
     """

@@ -6,8 +6,9 @@ comparison for uniformity.
 
 Paper (its reproduction, SimCLR*): 93.81 / 70.98 / 82.40 % top-1 on CIFAR-10 / CIFAR-100 / STL-10 for ResNet-50,
 1000 epochs (Table 3). The paper does not give its SimCLR* settings: we use SimCLR's own CIFAR recipe (SimCLR
-Appendix B.9 and its official CIFAR-10 command: temperature 0.5, LR 1.0 x batch/256, weight decay 1e-6, no blur)
-at the BYOL family's batch size and epochs, and SimCLR's ImageNet recipe (temperature 0.1, LR 0.3, batch 4096).
+Appendix B.9 and its official CIFAR-10 command: temperature 0.5, LR 1.0 x batch/256, weight decay 1e-6, colour
+distortion strength 0.5, no blur) at the BYOL family's batch size and epochs, SimCLR's ImageNet recipe
+(temperature 0.1, LR 0.3, batch 4096, strength 1.0), and SimCLR's projection head (BatchNorm on every layer).
 """
 import sys
 
@@ -20,8 +21,10 @@ import common
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: presets[dataset][epochs], the first row per dataset is its default. Any flag overrides them.
 # ----------------------------------------------------------------------------------------------------------------
-_CIFAR = dict(base_lr=1.0, weight_decay=1e-6, temperature=0.5)     # SimCLR App. B.9 / official CIFAR-10 command
-_IMAGENET = dict(base_lr=0.3, weight_decay=1e-6, temperature=0.1)  # SimCLR Section 4 / App. B.1
+_CIFAR = dict(base_lr=1.0, weight_decay=1e-6, temperature=0.5,      # SimCLR App. B.9 / official CIFAR-10 command
+              jitter_strength=0.5)
+_IMAGENET = dict(base_lr=0.3, weight_decay=1e-6, temperature=0.1,   # SimCLR Section 4 / App. B.1
+                 jitter_strength=1.0)                                # SimCLR App. A
 PRESETS = {
     "cifar10": {300: dict(arch="resnet18", batch_size=1024, **_CIFAR),     # batch, epochs: as byol.py (B.2)
                 1000: dict(arch="resnet50", batch_size=1024, **_CIFAR)},   # Table 3
@@ -33,9 +36,18 @@ PRESETS = {
     "folder": {300: dict(arch="resnet18", batch_size=512, **_IMAGENET)},   # not in the paper
 }
 
-# The BYOL family's augmentations without their asymmetry: SimCLR blurs both views with p = 0.5 and never
-# solarises (blur is off for CIFAR and STL-10 anyway, Appendix B.5.2).
-VIEWS = ((0.5, 0.0), (0.5, 0.0))
+
+
+def colour_jitter(s):
+    """SimCLR's colour distortion of strength s (SimCLR Appendix A): ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s), applied
+    with p = 0.8 and followed by grayscale with p = 0.2, as the BYOL family's."""
+    return dict(brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s, hue=0.2 * s)
+
+
+def views(jitter_strength):
+    """SimCLR's two views, symmetric: blur with p = 0.5 (off for CIFAR and STL-10 anyway, Appendix B.5.2), no
+    solarisation, colour distortion of the given strength: view specifications (blur_p, solarize_p, jitter)."""
+    return ((0.5, 0.0, colour_jitter(jitter_strength)),) * 2
 
 
 def build_parser():
@@ -43,6 +55,9 @@ def build_parser():
                       epilog=common.preset_epilog(PRESETS, "SimCLR's recipes"))
     g = p.add_argument_group("SimCLR (Eq. 1)")
     g.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature (default: preset)")
+    g.add_argument("--jitter-strength", type=float, default=None,
+                   help="colour distortion strength s, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), 0 <= s <= 1.25 (default: "
+                        "preset, 0.5 for CIFAR/STL-10 as SimCLR App. B.9, 1.0 for ImageNet)")
     g.add_argument("--proj-dim", type=int, default=128, help="projection width; the hidden width is the encoder's "
                    "feature size (SimCLR Section 2.1)")
     return p
@@ -51,13 +66,26 @@ def build_parser():
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------------------------
+def projection_head(in_dim, proj_dim=128, batchnorm=True):
+    """SimCLR's projector g (its Section 2.1 and code): Linear -> BatchNorm -> ReLU -> Linear -> BatchNorm, d -> d ->
+    proj_dim. BatchNorm follows every layer, the last one included; the Linear layers have no bias (BatchNorm
+    shifts), and the last BatchNorm only scales (SimCLR's center=False): its shift stays zero, never trained.
+    batchnorm=False (Table 4's 'BN x'): the BatchNorms become identities and the first Linear gets its bias."""
+    norm = nn.BatchNorm1d if batchnorm else (lambda dim: nn.Identity())
+    head = nn.Sequential(nn.Linear(in_dim, in_dim, bias=not batchnorm), norm(in_dim), nn.ReLU(inplace=True),
+                         nn.Linear(in_dim, proj_dim, bias=False), norm(proj_dim))
+    if batchnorm:
+        head[4].bias.requires_grad_(False)
+    return head
+
+
 class SimCLR(nn.Module):
-    """Encoder f and projector g: d -> d -> proj_dim with BatchNorm (SimCLR Section 2.1). Any encoder module works."""
+    """Encoder f and projector g: d -> d -> proj_dim (projection_head). Any encoder module works."""
 
     def __init__(self, encoder, feature_dim, proj_dim=128, batchnorm=True):
         super().__init__()
         self.encoder = encoder
-        self.projector = common.mlp(feature_dim, feature_dim, proj_dim, batchnorm)
+        self.projector = projection_head(feature_dim, proj_dim, batchnorm)
 
     def forward(self, x1, x2):
         """Both views in one pass, as SimCLR does (BatchNorm statistics over the 2B views): z1, z2 (B, proj_dim)."""
@@ -104,11 +132,14 @@ def train(args, model=None):
 
     objective = (f"L = NT-Xent(z1, z2; T={args.temperature}) (Eq. 1) = mean over 2B anchors of "
                  f"-log exp(s_pos/T) / sum_(k != anchor) exp(s_k/T), s = cosine similarity, 2B-2 negatives")
-    return common.pretrain(args, model, loss_fn, views=VIEWS, objective=objective)
+    return common.pretrain(args, model, loss_fn, views=views(args.jitter_strength), objective=objective)
 
 
 def parse_args(argv=None):
-    return common.parse_args(build_parser(), argv, PRESETS, "simclr")
+    args = common.parse_args(build_parser(), argv, PRESETS, "simclr")
+    if not 0 <= args.jitter_strength <= 1.25:  # brightness and contrast factors 1 +- 0.8 s must stay >= 0
+        raise common.UserError(f"--jitter-strength must be between 0 and 1.25, got {args.jitter_strength}")
+    return args
 
 
 def main(argv=None):

@@ -72,7 +72,7 @@ def augmentation_speed(n_images, batch, device):
         g = torch.Generator(device).manual_seed(0)
         for x in images.split(batch):
             for v in views:
-                common.batched_view(x, "cifar10", 32, *v, g)
+                common.batched_view(x, "cifar10", 32, *v, g=g)
     batched_s = timed(batched, device, 1)
     out = {"images": n_images, "batch": batch, "per_image_views_per_s": round(2 * n_images / per_image_s, 1),
            "batched_views_per_s": round(2 * n_images / batched_s, 1)}
@@ -89,12 +89,13 @@ def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simcl
     mhe.mhe_weight = byol_mhe.MHE_WEIGHT["cifar10"]  # Appendix C.1, the default byol_mhe.main fills in
     byol_terms = {"byol": None, "byol_uniformity": byol_uniformity.uniformity_term(uniformity),
                   "byol_mhe": byol_mhe.mhe_term(mhe)}
-    tau, temperature = byol.PRESETS["cifar10"][300]["tau_base"], simclr.PRESETS["cifar10"][300]["temperature"]
+    tau, simclr_cifar = byol.PRESETS["cifar10"][300]["tau_base"], simclr.PRESETS["cifar10"][300]
     for name in names:
         torch.manual_seed(0)
         if name == "simclr":
             yield (name, simclr.SimCLR(*encoder(), simclr_proj_dim),
-                   lambda m, a, b: (simclr.nt_xent(*m(a, b), temperature), {}), None, simclr.VIEWS)
+                   lambda m, a, b: (simclr.nt_xent(*m(a, b), simclr_cifar["temperature"]), {}), None,
+                   simclr.views(simclr_cifar["jitter_strength"]))
         else:
             extra = byol_terms[name]
             yield (name, byol.BYOL(*encoder(), hidden_dim, proj_dim),

@@ -91,8 +91,8 @@ def test_grayscale_blur_solarize_equal_torchvision():
 
 def test_batched_view_shape_range_and_reproducibility():
     imgs = images(16, 96)
-    a = common.batched_view(imgs, "stl10", 64, 1.0, 0.0, torch.Generator().manual_seed(3))
-    b = common.batched_view(imgs, "stl10", 64, 1.0, 0.0, torch.Generator().manual_seed(3))
+    a = common.batched_view(imgs, "stl10", 64, 1.0, 0.0, g=torch.Generator().manual_seed(3))
+    b = common.batched_view(imgs, "stl10", 64, 1.0, 0.0, g=torch.Generator().manual_seed(3))
     assert a.shape == (16, 3, 64, 64) and torch.equal(a, b)
     info = common.DATASETS["stl10"]
     lo = min((0 - m) / s for m, s in zip(info.mean, info.std))

@@ -54,7 +54,7 @@ def test_a_step_never_waits_for_the_device(name, monkeypatch):
     g = torch.Generator().manual_seed(0)
 
     def step():
-        batches = iter([tuple(common.batched_view(images, "cifar10", 32, *v, g) for v in views)])
+        batches = iter([tuple(common.batched_view(images, "cifar10", 32, *v, g=g) for v in views)])
         totals = common.train_step(model, opt, loss_fn, batches, 1, CPU)
         if after:
             after(model)
@@ -107,7 +107,7 @@ def test_a_bf16_channels_last_step_stays_close_to_float32(name, monkeypatch):
     pointing the same way."""
     _, model, loss_fn, _, views = setup(name)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    x1, x2 = (common.batched_view(images, "cifar10", 32, *v, torch.Generator().manual_seed(i))
+    x1, x2 = (common.batched_view(images, "cifar10", 32, *v, g=torch.Generator().manual_seed(i))
               for i, v in enumerate(views))
     start = {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -4,7 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
+import torchvision.transforms as T
 
+import common
 import simclr
 from conftest import run_script
 from test_cli import check_ok
@@ -68,13 +71,53 @@ def test_projector_and_presets():
     assert z1.shape == z2.shape == (3, 128)
 
 
+def test_head_has_batchnorm_on_every_layer():
+    """SimCLR's head: BatchNorm after both Linear layers, the last one included; no Linear bias; the last
+    BatchNorm scales but does not shift (center=False), so its shift is zero and never trained."""
+    head = simclr.projection_head(16, 8)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d]
+    assert head[0].bias is None and head[3].bias is None
+    assert head[4].weight.requires_grad and not head[4].bias.requires_grad and not head[4].bias.any()
+    torch.manual_seed(3)
+    z = head.train()(torch.randn(32, 16))
+    assert torch.allclose(z.mean(0), torch.zeros(8), atol=1e-5)  # batch-normalised output, no shift
+    plain = simclr.projection_head(16, 8, batchnorm=False)  # Table 4's 'BN x'
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in plain) and plain[0].bias is not None
+
+
+@pytest.mark.parametrize("dataset,strength,jitter", [("cifar10", 0.5, (0.4, 0.4, 0.4, 0.1)),
+                                                     ("stl10", 0.5, (0.4, 0.4, 0.4, 0.1)),
+                                                     ("imagenet", 1.0, (0.8, 0.8, 0.8, 0.2))])
+def test_colour_distortion_strength_per_preset_reaches_the_views(dataset, strength, jitter, monkeypatch):
+    """SimCLR's colour distortion of strength s, ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s): 0.5 on CIFAR/STL-10
+    (SimCLR App. B.9), 1.0 on ImageNet; both views of the run get it, on both augmentation paths."""
+    args = simclr.parse_args(["--dataset", dataset])
+    assert args.jitter_strength == strength
+    seen = {}
+    monkeypatch.setattr(common, "pretrain", lambda args, model, loss_fn, views, objective: seen.update(views=views))
+    simclr.train(args, simclr.SimCLR(nn.Flatten(), 12, 4))
+    assert len(seen["views"]) == 2
+    for blur_p, solarize_p, j in seen["views"]:
+        assert (blur_p, solarize_p) == (0.5, 0.0)
+        assert tuple(j[k] for k in ("brightness", "contrast", "saturation", "hue")) == pytest.approx(jitter)
+        ops = [t for t in common.ssl_augmentation(dataset, 32, blur_p, solarize_p, j).transforms
+               if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.ColorJitter)]
+        cj = ops[0].transforms[0]
+        assert cj.saturation == pytest.approx((1 - jitter[2], 1 + jitter[2])) and cj.hue == pytest.approx(
+            (-jitter[3], jitter[3]))
+        f = common.view_params(4000, 8, 8, blur_p, solarize_p, torch.Generator().manual_seed(0), jitter=j)["factors"]
+        for k, s in enumerate(jitter):
+            lo, hi = (-s, s) if k == 3 else (1 - s, 1 + s)
+            assert lo <= f[:, k].min() < lo + 0.01 and hi - 0.01 < f[:, k].max() <= hi
+
+
 def test_simclr_end_to_end(cifar_dir, tmp_path):
     out = tmp_path / "run"
     proc = check_ok(run_script("simclr.py", "--data-dir", cifar_dir, "--batch-size", "24", "--accum-steps", "2",
                                "--out-dir", out, "--epochs", "1", "--workers", "0", "--proj-dim", "32"))
     assert "NT-Xent" in proc.stdout and "negatives come from micro-batches of 12 images" in proc.stderr
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["loss"] > 0 and "uniformity" in row and "alignment" in row and "mhe_projector" in row
-    assert "tau" not in row and "mhe_predictor" not in row
+    assert row["loss"] > 0 and "eval_uniformity" in row and "eval_alignment" in row and "eval_mhe_projector" in row
+    assert "tau" not in row and "eval_mhe_predictor" not in row and "uniformity" not in row
     check_ok(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "1", "--workers", "0", "--precompute"))
     assert json.loads((out / "linear_eval_test.json").read_text())["method"] == "simclr"

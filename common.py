@@ -719,11 +719,12 @@ def build_encoder(arch, stem, batchnorm=True):
     """torchvision ResNet with `fc` removed, so it outputs the pooled feature (512 or 2048 wide).
 
     stem='cifar' (Appendix B.1): conv1 becomes 3x3 with stride 1 and the max-pool is removed.
-    batchnorm=False replaces every BatchNorm by the identity (Table 4)."""
+    batchnorm=False replaces every BatchNorm by the identity (Table 4). Each block's last BatchNorm scale starts
+    at zero (zero_init_residual), as in BYOL's (Haiku) and SimCLR's ResNets, whose procedure Section 3.6 follows."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     norm_layer = None if batchnorm else (lambda channels: nn.Identity())
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer)
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer, zero_init_residual=batchnorm)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -738,9 +739,11 @@ def encoder_for(args):
 
 
 def mlp(in_dim, hidden_dim=4096, out_dim=256, batchnorm=True):
-    """Projector g and predictor q of Section 3.6: Linear -> BatchNorm -> ReLU -> Linear."""
+    """Projector g and predictor q of Section 3.6: Linear -> BatchNorm -> ReLU -> Linear, the last Linear without
+    bias as in BYOL's code."""
     norm = nn.BatchNorm1d(hidden_dim) if batchnorm else nn.Identity()
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), norm, nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), norm, nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim, bias=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1181,7 +1184,11 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     step, start_epoch = 0, 0
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # e.g. written before the heads' last Linear lost its bias
+            raise UserError(f"{args.resume} holds a model of another shape than this version builds: "
+                            f"{str(e).strip().splitlines()[-1].strip()}") from e
         optimizer.load_state_dict(ckpt["optimizer"])
         step, start_epoch = ckpt["step"], ckpt["epoch"]
         torch.set_rng_state(ckpt["rng"]["torch"])

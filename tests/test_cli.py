@@ -120,19 +120,27 @@ def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
                             "--precompute"))
         assert json.loads((out / "linear_eval_test.json").read_text())["method"] == "byol_mhe"
     else:
-        assert "Eq. 4" in proc.stdout and args["unif_weight"] == 0.125
+        assert "Eq. 4" in proc.stdout and args["unif_weight"] == 0.125 and args["unif_on"] == "projector"
         assert "micro-batches of 12 images" in proc.stderr
+        # the training term (Eq. 2 on the projections of the training batches) and the analysis measure (Eq. 2 on
+        # the encoder features of fixed eval images) are both logged, each under its own name
+        assert -4 <= row["uniformity"] <= 0 and -4 <= row["eval_uniformity"] <= 0
+        assert row["uniformity"] != row["eval_uniformity"]
     # a run is resumed by the script that made it
     check_one_line_error(run_script("byol.py", "--resume", out), f"resume it with {script}")
 
 
-@pytest.mark.parametrize("flags,text", [
-    (["--pow", "3"], "invalid choice: '3'"),
-    (["--mhe-on", "encoder,head"], "subset of encoder,projector,predictor"),
-    (["--mhe-on", ""], "subset of encoder,projector,predictor"),
+@pytest.mark.parametrize("script,flags,text", [
+    ("byol_mhe.py", ["--pow", "3"], "invalid choice: '3'"),
+    ("byol_mhe.py", ["--mhe-on", "encoder,head"], "subset of encoder,projector,predictor"),
+    ("byol_mhe.py", ["--mhe-on", ""], "subset of encoder,projector,predictor"),
+    ("byol_uniformity.py", ["--unif-on", "predictor"], "invalid choice: 'predictor'"),
+    ("simclr.py", ["--jitter-strength", "1.5"], "--jitter-strength must be between 0 and 1.25"),
+    ("simclr.py", ["--jitter-strength", "-0.1"], "--jitter-strength must be between 0 and 1.25"),
+    ("byol.py", ["--analysis-samples", "-1"], "--analysis-samples must be >= 0"),
 ])
-def test_bad_mhe_flags(flags, text, tmp_path):
-    check_one_line_error(run_script("byol_mhe.py", *flags, "--out-dir", tmp_path / "run"), text)
+def test_bad_method_flags(script, flags, text, tmp_path):
+    check_one_line_error(run_script(script, *flags, "--out-dir", tmp_path / "run"), text)
     assert not (tmp_path / "run").exists()
 
 

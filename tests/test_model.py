@@ -1,4 +1,5 @@
 """Encoder stem (Appendix B.1), MLP head (Section 3.6), BYOL's target network and EMA update."""
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -19,6 +20,19 @@ def test_cifar_stem():
     assert enc(x).shape == (2, 512)
 
 
+@pytest.mark.parametrize("arch,last_bn", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_residual_blocks_start_as_identity(arch, last_bn):
+    """As BYOL's (Haiku) and SimCLR's ResNets: each block's last BatchNorm scale starts at zero; without BatchNorm
+    (Table 4) there is none to zero."""
+    enc, _ = common.build_encoder(arch, "imagenet")
+    blocks = common.residual_blocks(enc)
+    assert len(blocks) == {"resnet18": 8, "resnet50": 16}[arch]
+    for name, block in blocks.items():
+        assert torch.equal(getattr(block, last_bn).weight, torch.zeros_like(getattr(block, last_bn).weight)), name
+        assert block.bn1.weight.eq(1).all()
+    assert common.build_encoder(arch, "imagenet", batchnorm=False)[0](torch.randn(1, 3, 32, 32)).abs().sum() > 0
+
+
 def test_imagenet_stem_and_auto_choice():
     enc, dim = common.build_encoder("resnet50", "imagenet")
     assert dim == 2048 and enc.conv1.kernel_size == (7, 7) and isinstance(enc.maxpool, nn.MaxPool2d)
@@ -31,6 +45,7 @@ def test_mlp_head_shape():
     head = common.mlp(512, 4096, 256)
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert head[0].out_features == 4096 and head[3].out_features == 256
+    assert head[0].bias is not None and head[3].bias is None  # BYOL's last Linear has no bias
     assert head(torch.randn(4, 512)).shape == (4, 256)
 
 

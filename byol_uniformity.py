@@ -5,7 +5,7 @@ projections, independent of the predictor.
     python byol_uniformity.py --dataset cifar10 --unif-on encoder   # on f_theta's features (Table 5, App. B.1)
 
 Paper: 91.48 % CIFAR-10 top-1 for ResNet-18 / 300 epochs (Table 5), 94.84 % for ResNet-50 / 1000 epochs (Table 3).
-Everything else (model, presets, training) is byol.py's; this file adds only Eq. 4 and its two flags.
+Everything else (model, presets, training) is byol.py's; this file adds only Eq. 4 and its flags.
 """
 import sys
 

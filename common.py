@@ -130,8 +130,10 @@ def base_parser():
                         "--device, --workers and --data-dir may change, other flags are taken from the checkpoint")
     g.add_argument("--knn-every", type=int, default=5, help="weighted k-NN accuracy every N epochs and at the end "
                    "(0: only at the end)")
-    g.add_argument("--knn-k", type=int, default=200, help="neighbours of the k-NN monitor (InstDisc)")
-    g.add_argument("--knn-t", type=float, default=0.1, help="temperature of the k-NN vote weights exp(s/t)")
+    g.add_argument("--knn-k", type=int, default=200,
+                   help="neighbours of the k-NN monitor (InstDisc; Table 1's k-NN is DINO's protocol: 20)")
+    g.add_argument("--knn-t", type=float, default=0.1,
+                   help="temperature of the k-NN vote weights exp(s/t) (Table 1, DINO's protocol: 0.07)")
     g.add_argument("--analysis-samples", type=int, default=1024,
                    help="eval images (drawn once with a fixed seed over the whole eval split) for the uniformity "
                         "analysis logged with each k-NN evaluation as eval_uniformity, eval_alignment, "

@@ -49,8 +49,8 @@ def build_parser():
     g.add_argument("--augment", default="auto", choices=("auto", "batched", "per-image"),
                    help="batched (auto for cifar10/cifar100/stl10): images held and transformed on the device; "
                         "per-image: torchvision transforms in DataLoader workers")
-    g.add_argument("--knn-k", type=int, default=200, help="weighted k-NN neighbours")
-    g.add_argument("--knn-t", type=float, default=0.1, help="weighted k-NN temperature")
+    g.add_argument("--knn-k", type=int, default=200, help="weighted k-NN neighbours (Table 1, DINO's protocol: 20)")
+    g.add_argument("--knn-t", type=float, default=0.1, help="weighted k-NN temperature (Table 1: 0.07)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--workers", type=int, default=8)

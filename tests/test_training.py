@@ -133,6 +133,13 @@ def test_refuses_to_overwrite_a_run(cifar_dir, tmp_path, no_md5):
     with pytest.raises(common.UserError, match="already holds a run"):
         byol.train(tiny_args(cifar_dir, tmp_path / "run", "--epochs", "1"), tiny_byol())
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    # a checkpoint whose model no longer fits (the heads' last Linear had a bias before issue 9): one line, no traceback
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ckpt["model"]["projector.3.bias"] = torch.zeros(8)
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    with pytest.raises(common.UserError, match='another shape than this version builds: .*"projector.3.bias"'):
+        byol.train(byol.parse_args(["--resume", str(tmp_path / "old")]), tiny_byol())
 
 
 # --- evaluation does not touch training state ---------------------------------------------------------------------

@@ -59,10 +59,16 @@ def mhe_term(args):
     return terms
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """byol.parse_args with this file's flags; lambda_MHE filled per dataset (what a run's args.json holds)."""
     args = byol.parse_args(argv, build_parser(), method="byol_mhe")
     if args.mhe_weight is None:
         args.mhe_weight = MHE_WEIGHT[args.dataset]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     objective = (f"{byol.OBJECTIVE} + {args.mhe_weight} * sum_j E_{args.pow}(W_j) / (N_j (N_j - 1)) over the "
                  f"conv/linear layers of {'+'.join(args.mhe_on)} (Eq. 7, "
                  f"{'angular, Eq. A.3' if args.pow.startswith('a') else 'Euclidean, Eq. 5'})")

@@ -40,8 +40,12 @@ def uniformity_term(args):
     return terms
 
 
+def parse_args(argv=None):
+    return byol.parse_args(argv, build_parser(), method="byol_uniformity")
+
+
 def main(argv=None):
-    args = byol.parse_args(argv, build_parser(), method="byol_uniformity")
+    args = parse_args(argv)
     if args.accum_steps > 1:
         print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)

@@ -1,0 +1,767 @@
+"""Your runs beside the paper's numbers: every table of the paper that your run folders cover, and its figures.
+
+    python results.py runs/                   # the tables, ours beside the paper's (markdown on stdout)
+    python results.py runs/ --out results/    # also results/results.md, *.csv and the figures as PNG
+
+A run folder is what the training scripts write (args.json, metrics.jsonl, last.pt, encoder.pt at the end) plus
+the linear_eval_<split>[-N].json files of linear_eval.py. A run belongs to a row of the paper when its settings,
+apart from --seed and the flags that do not change what is trained (--device, --workers, --knn-k, ...), are the
+row's: the settings that differ from the method's preset for the run's --dataset and --epochs, read with the
+method's own parse_args. Runs of one row are averaged over seeds (mean, sample standard deviation). Runs that are
+not finished are listed apart and never averaged in; runs that match no row of the paper go to "Other runs".
+matplotlib is needed for --out only (the training scripts never import it).
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import importlib
+import io
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import common
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's numbers, each with the table it comes from
+# ----------------------------------------------------------------------------------------------------------------
+# Per table: title, measures (linear top-1/top-5 %, k-NN top-1 % of linear_eval.py), how many seeds the paper
+# averaged, extra flags of the commands that are protocol rather than a setting, and notes.
+TABLES = {
+    "Table 1": dict(title="ImageNet, ResNet-50, 1000 epochs (top-1 %, k-NN %)", measures=("top1", "knn_top1"),
+                    seeds=1, knn=(20, 0.07), train_extra="--data-dir <imagenet> --knn-k 20 --knn-t 0.07",
+                    eval_extra=" --knn-k 20 --knn-t 0.07",
+                    note="the k-NN column is DINO's protocol (k = 20, T = 0.07). Section 4 says the MHE run "
+                         "regularised encoder, projector and predictor, Appendix D lists projector and predictor: "
+                         "both readings are rows"),
+    "Table 2": dict(title="ImageNet, ResNet-50, 300 epochs (top-1 %, top-5 %)", measures=("top1", "top5"), seeds=1,
+                    train_extra="--data-dir <imagenet>", note="the MHE rows: as Table 1"),
+    "Table 3": dict(title="ResNet-50, 1000 epochs (top-1 %)", measures=("top1",), seeds=1,
+                    note="Section 4 sets lambda_MHE = 1 on encoder, projector and predictor; Appendices B.1 and "
+                         "C.1 give 10 on projector and predictor (our default): both readings are rows"),
+    "Table 4": dict(title="CIFAR-10, ResNet-18, 300 epochs: BatchNorm and MHE (top-1 %)", measures=("top1",),
+                    seeds=3, note="MHE on encoder, projector and predictor when on"),
+    "Table 5": dict(title="CIFAR-10, ResNet-18, 300 epochs: MHE (a2) per sub-network (top-1 %)",
+                    measures=("top1",), seeds=3,
+                    note="** the paper's Table 5 has lost the encoder marks of its third and fourth columns; these "
+                         "two rows are the subsets left over, in the order we read them (a guess)"),
+    "Table C.6": dict(title="CIFAR-10, ResNet-18, 300 epochs: lambda_MHE, s = 2 (top-1 %)", measures=("top1",),
+                      seeds=3),
+    "Table C.7": dict(title="CIFAR-10, ResNet-18, 300 epochs: MHE power s (top-1 %)", measures=("top1",), seeds=3,
+                      note="the paper gives a1 as 90.94 +- 0.34, half the difference of its best and worst seed"),
+    "Table C.8": dict(title="CIFAR-10, ResNet-18, 300 epochs: batch 1024 from N micro-batches (top-1 %)",
+                      measures=("top1",), seeds=3, note="Fig. 8 plots each method's drop from its 1024 row"),
+}
+
+_T3 = (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100"), ("stl10", "STL-10"))
+_T3_NUMBERS = {"simclr": (93.81, 70.98, 82.40), "byol": (94.46, 72.10, 82.81),
+               "byol_uniformity": (94.84, 72.62, 83.19), "byol_mhe": (94.78, 72.56, 83.96)}
+_C8 = {"byol": (90.74, 89.10, 87.50, 85.00), "byol_uniformity": (91.48, 90.22, 86.84, 82.42),
+       "byol_mhe": (91.64, 90.02, 88.10, 85.76)}
+NAMES = {"simclr": "SimCLR*", "byol": "BYOL*", "byol_uniformity": "BYOL + L_uni", "byol_mhe": "BYOL-MHE"}
+ALL_THREE = "--mhe-on encoder,projector,predictor"
+
+# (table, row, method script, flags on top of the method's preset, {measure: the paper's number})
+PAPER = [
+    ("Table 1", "BYOL*", "byol", "--dataset imagenet --epochs 1000", {"top1": 74.1, "knn_top1": 63.7}),
+    ("Table 1", "BYOL-MHE (projector, predictor: App. D)", "byol_mhe", "--dataset imagenet --epochs 1000",
+     {"top1": 74.4, "knn_top1": 64.9}),
+    ("Table 1", "BYOL-MHE (encoder too: Sec. 4)", "byol_mhe", f"--dataset imagenet --epochs 1000 {ALL_THREE}",
+     {"top1": 74.4, "knn_top1": 64.9}),
+    ("Table 2", "BYOL*", "byol", "--dataset imagenet", {"top1": 71.9, "top5": 89.2}),
+    ("Table 2", "BYOL-MHE (projector, predictor: App. D)", "byol_mhe", "--dataset imagenet",
+     {"top1": 72.4, "top5": 89.9}),
+    ("Table 2", "BYOL-MHE (encoder too: Sec. 4)", "byol_mhe", f"--dataset imagenet {ALL_THREE}",
+     {"top1": 72.4, "top5": 89.9}),
+    *[("Table 3", f"{NAMES[m]}, {label}", m, f"--dataset {d} --epochs 1000", {"top1": numbers[i]})
+      for i, (d, label) in enumerate(_T3) for m, numbers in _T3_NUMBERS.items()],
+    *[("Table 3", f"BYOL-MHE (Sec. 4: lambda 1, encoder too), {label}", "byol_mhe",
+       f"--dataset {d} --epochs 1000 --mhe-weight 1 {ALL_THREE}", {"top1": _T3_NUMBERS["byol_mhe"][i]})
+      for i, (d, label) in enumerate(_T3)],
+    ("Table 4", "BN x, MHE x", "byol", "--no-batchnorm", {"top1": 28.76}),
+    ("Table 4", "BN v, MHE x", "byol", "", {"top1": 90.74}),
+    ("Table 4", "BN x, MHE v", "byol_mhe", f"--no-batchnorm {ALL_THREE}", {"top1": 45.72}),
+    ("Table 4", "BN v, MHE v", "byol_mhe", ALL_THREE, {"top1": 91.22}),
+    ("Table 5", "no MHE (BYOL)", "byol", "", {"top1": 90.74}),
+    ("Table 5", "projector, predictor", "byol_mhe", "", {"top1": 91.64}),
+    ("Table 5", "encoder, projector **", "byol_mhe", "--mhe-on encoder,projector", {"top1": 91.36}),
+    ("Table 5", "encoder, predictor **", "byol_mhe", "--mhe-on encoder,predictor", {"top1": 91.46}),
+    ("Table 5", "projector", "byol_mhe", "--mhe-on projector", {"top1": 91.38}),
+    ("Table 5", "predictor", "byol_mhe", "--mhe-on predictor", {"top1": 91.10}),
+    ("Table 5", "encoder", "byol_mhe", "--mhe-on encoder", {"top1": 90.96}),
+    ("Table 5", "encoder, projector, predictor", "byol_mhe", ALL_THREE, {"top1": 91.22}),
+    ("Table 5", "BYOL + L_uni", "byol_uniformity", "", {"top1": 91.48}),
+    *[("Table C.6", f"lambda_MHE = {w}", "byol_mhe", f"--pow 2 --mhe-weight {w}", {"top1": acc})
+      for w, acc in (("0.001", 90.74), ("0.01", 91.12), ("1", 91.20), ("10", 91.34), ("100", 91.14))],
+    ("Table C.7", "BYOL (repro)", "byol", "", {"top1": 90.74}),
+    *[("Table C.7", f"s = {s}", "byol_mhe", f"--pow {s}", {"top1": acc})
+      for s, acc in (("0", 91.12), ("1", 91.24), ("2", 91.34), ("a0", 91.14), ("a1", 90.94), ("a2", 91.64))],
+    *[("Table C.8", f"{NAMES[m]}, micro-batch {1024 // n}", m, f"--accum-steps {n}" if n > 1 else "",
+       {"top1": accs[i]}) for m, accs in _C8.items() for i, n in enumerate((1, 2, 4, 8))],
+]
+
+# Appendix D: the linear probe of every table (80 epochs, batch 100, base LR 0.2, SGD, augmented), test split.
+PAPER_PROBE = dict(eval_split="test", epochs=80, precompute=False, batch_size=100, lr=0.2)
+
+PROBE_NAMES = dict(eval_split="split", epochs="probe epochs", precompute="probe on", batch_size="probe batch",
+                   lr="probe base LR")
+
+
+def known(value):
+    return "not recorded" if value is None else value
+
+
+def describe_probe(name, value):
+    if name == "precompute":
+        return "precomputed features" if value else "augmented images (crop, flip)"
+    return value
+
+
+# Keys of args.json that do not change what is trained (or that define the row elsewhere): never a row's setting.
+NOT_SETTINGS = {"method", "dataset", "epochs", "seed", "preset", "device", "workers", "data_dir", "out_dir",
+                "resume", "compile", "log_every", "knn_every", "knn_k", "knn_t", "analysis_samples", "augment"}
+# Columns of metrics.jsonl that are not loss terms (everything else numeric is drawn in the loss curves).
+NOT_LOSS = {"epoch", "step", "lr", "tau", "seconds", "images_per_s", "eval_seconds", "knn_top1"}
+MEASURE_NAMES = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: what distinguishes a run from its method's preset
+# ----------------------------------------------------------------------------------------------------------------
+def norm(value):
+    """A JSON value in comparable form: lists become tuples; a list of names (--mhe-on) is an unordered set."""
+    if isinstance(value, (list, tuple)):
+        items = tuple(norm(v) for v in value)
+        return tuple(sorted(items)) if all(isinstance(v, str) for v in items) else items
+    return value
+
+
+def method_module(method):
+    """The method's own script (byol.py, byol_mhe.py, ...) if it is here and has parse_args, else None."""
+    if not isinstance(method, str) or not method.isidentifier() or not (ROOT / f"{method}.py").is_file():
+        return None
+    module = importlib.import_module(method)
+    return module if hasattr(module, "parse_args") and hasattr(module, "build_parser") else None
+
+
+@functools.lru_cache(maxsize=None)
+def preset_args(method, dataset, epochs):
+    """vars(args) of `python METHOD.py --dataset D --epochs E`: the preset a run is compared with; None if unknown."""
+    return parsed_args(method, ("--dataset", str(dataset), "--epochs", str(epochs)))
+
+
+@functools.lru_cache(maxsize=None)
+def parsed_args(method, argv):
+    module = method_module(method)
+    if module is None:
+        return None
+    try:
+        return vars(module.parse_args(list(argv)))
+    except (SystemExit, common.UserError):  # a flag or value this checkout does not know
+        return None
+
+
+def settings(args):
+    """((name, value), ...) of the args that differ from the preset of the run's method, dataset and epochs (sorted);
+    None when the method's script is not in this checkout."""
+    preset = preset_args(args.get("method"), args.get("dataset"), args.get("epochs"))
+    if preset is None:
+        return None
+    # A key this version's parser does not know is shown (it may matter); one the run lacks predates its flag.
+    return tuple(sorted((k, norm(v)) for k, v in args.items()
+                        if k not in NOT_SETTINGS and (k not in preset or norm(v) != norm(preset[k]))))
+
+
+def flags(method, setting):
+    """The command-line flags that give `setting`, e.g. '--pow 2 --mhe-weight 0.01' or '--no-batchnorm'."""
+    module = method_module(method)
+    actions = {a.dest: a for a in module.build_parser()._actions} if module else {}
+    out = []
+    for name, value in setting or ():
+        action = actions.get(name)
+        if action is None:
+            out.append(f"{name}={value}")
+        elif action.nargs == 0:  # store_true / store_false, e.g. --no-batchnorm
+            out.append(max(action.option_strings, key=len))
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            out.append(f"{max(action.option_strings, key=len)} {text}")
+    return " ".join(out)
+
+
+@dataclasses.dataclass
+class Row:
+    table: str
+    label: str
+    method: str
+    argv: str
+    paper: dict
+    key: tuple = None  # (method, dataset, epochs, settings); None when this checkout cannot parse the row
+
+    def command(self, seeds):
+        info = TABLES[self.table]
+        parts = [f"python {self.method}.py", self.argv, info.get("train_extra", "")]
+        if seeds > 1:
+            parts.append("--seed S")
+        return " ".join(p for p in parts if p) + (f"  (S = {', '.join(map(str, range(seeds)))})" if seeds > 1 else "")
+
+
+@functools.lru_cache(maxsize=None)
+def paper_rows():
+    rows = []
+    for table, label, method, argv, paper in PAPER:
+        row = Row(table, label, method, argv, paper)
+        args = parsed_args(method, tuple(argv.split()))
+        if args is not None:
+            row.key = (method, args["dataset"], args["epochs"], settings(args))
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading run folders
+# ----------------------------------------------------------------------------------------------------------------
+EVAL_FILE = re.compile(r"linear_eval_(?P<split>[A-Za-z0-9]+)(?:-(?P<n>\d+))?\.json$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How an evaluation was made; fields a linear_eval JSON does not record (older versions) are None."""
+    dataset: str          # the evaluation's dataset ('' when it is the pre-training dataset)
+    eval_split: str
+    epochs: int           # probe epochs
+    precompute: bool
+    batch_size: int
+    lr: float             # base LR as given to linear_eval.py
+    knn_k: int
+    knn_t: float
+
+    def describe(self, knn=True):
+        text = (f"{self.dataset + ' ' if self.dataset else ''}{self.eval_split} split; linear probe "
+                f"{known(self.epochs)} epoch{'s' * (self.epochs != 1)} on "
+                f"{describe_probe('precompute', self.precompute)}, batch {known(self.batch_size)}, "
+                f"base LR {known(self.lr)}")
+        return text + (f"; k-NN k = {known(self.knn_k)}, T = {known(self.knn_t)}" if knn else "")
+
+    def differences(self, table):
+        """How this protocol differs from the paper's for `table` (empty: it is the paper's)."""
+        out = [f"{PROBE_NAMES[name]} {describe_probe(name, getattr(self, name))} "
+               f"(paper: {describe_probe(name, want)})" for name, want in PAPER_PROBE.items()
+               if getattr(self, name) is not None and getattr(self, name) != want]
+        if self.dataset:
+            out.insert(0, f"evaluated on {self.dataset}, not the pre-training dataset")
+        knn = TABLES[table].get("knn")
+        if knn and (self.knn_k, self.knn_t) != knn:
+            out.append(f"k-NN k = {known(self.knn_k)}, T = {known(self.knn_t)} (paper: k = {knn[0]}, T = {knn[1]})")
+        return out
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    args: dict
+    metrics: list
+    evals: dict = dataclasses.field(default_factory=dict)  # Protocol -> the latest linear_eval JSON with it
+    eval_files: dict = dataclasses.field(default_factory=dict)  # Protocol -> its file name
+    name: str = ""  # the path below the folder given on the command line
+    finished: bool = False
+    last_epoch: int = 0
+    key: tuple = None
+
+    @property
+    def method(self):
+        return self.args["method"]
+
+    @property
+    def seed(self):
+        return self.args.get("seed")
+
+
+def read_run(path, notes):
+    """A Run from a folder holding args.json, or None (with a note) when the folder cannot be read as one."""
+    try:
+        args = json.loads((path / "args.json").read_text())
+        if not isinstance(args, dict) or not all(k in args for k in ("method", "dataset", "epochs")):
+            raise ValueError("no method, dataset or epochs")
+    except (OSError, ValueError) as e:
+        notes.append(f"skipped {path}: unreadable args.json ({e})")
+        return None
+    rows, bad = {}, 0
+    if (path / "metrics.jsonl").exists():
+        for line in (path / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["epoch"]] = row  # an epoch logged again after a resume: the later line wins
+            except (ValueError, KeyError, TypeError):
+                bad += int(bool(line.strip()))
+    if bad:
+        notes.append(f"{path}: ignored {bad} unreadable line(s) of metrics.jsonl")
+    run = Run(path, args, [rows[e] for e in sorted(rows)])
+    run.last_epoch = max(rows, default=0)
+    run.finished = run.last_epoch >= args["epochs"] or (path / "encoder.pt").exists()
+    s = settings(args)
+    run.key = (args["method"], args["dataset"], args["epochs"], s if s is not None else unknown_settings(args))
+    files = sorted((m.group("split"), int(m.group("n") or 1), p) for p in path.glob("linear_eval_*.json")
+                   if (m := EVAL_FILE.match(p.name)))
+    for split, _, p in files:  # in order of evaluation: a later one with the same protocol replaces an earlier one
+        try:
+            result = json.loads(p.read_text())
+            protocol = protocol_of({"eval_split": split, **result}, args["dataset"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            notes.append(f"{p}: not a linear_eval result ({e}), ignored")
+            continue
+        run.evals[protocol], run.eval_files[protocol] = result, p.name
+    return run
+
+
+NO_SCRIPT = "(no script)"
+
+
+def unknown_settings(args):
+    """Without the method's script every setting is shown: the run can still be grouped over seeds."""
+    return ((NO_SCRIPT, True),) + tuple(sorted((k, norm(v)) for k, v in args.items()
+                                                         if k not in NOT_SETTINGS))
+
+
+def protocol_of(result, train_dataset):
+    dataset = result.get("dataset", train_dataset)
+    return Protocol(dataset="" if dataset == train_dataset else dataset, eval_split=result["eval_split"],
+                    epochs=result.get("epochs"), precompute=bool(result.get("precompute", False)),
+                    batch_size=result.get("batch_size"), lr=result.get("lr"), knn_k=result.get("knn_k"),
+                    knn_t=result.get("knn_t"))
+
+
+def find_runs(paths, notes):
+    """Every run folder (a folder with args.json) under `paths`; leaf folders that are not runs get a note."""
+    runs = []
+
+    def visit(folder, root):
+        if (folder / "args.json").is_file():
+            run = read_run(folder, notes)
+            if run is not None:
+                run.name = str(folder.relative_to(root)) if folder != root else folder.resolve().name
+                runs.append(run)
+            return
+        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not children and folder != root:  # an empty root: the error below says it
+            notes.append(f"skipped {folder}: not a run folder (no args.json)")
+        for child in children:
+            visit(child, root)
+
+    for path in paths:
+        if not path.is_dir():
+            raise common.UserError(f"{path} is not a folder (give run folders or folders that hold them)")
+        visit(path, path)
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+def mean_std(values):
+    """Mean and sample standard deviation (n - 1; None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, std
+
+
+def fmt(stats):
+    if stats is None:
+        return "-"
+    mean, std = stats
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def md_table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+
+
+def seeds_text(runs):
+    return f"{len(runs)} ({', '.join(str(r.seed) for r in sorted(runs, key=lambda r: (r.seed is None, r.seed)))})"
+
+
+def uses_knn(table):
+    return "knn_top1" in TABLES[table]["measures"]
+
+
+def project(protocol, knn):
+    """The protocol as a table sees it: its k-NN settings only matter to a table with a k-NN column."""
+    return protocol if knn else dataclasses.replace(protocol, knn_k=None, knn_t=None)
+
+
+def protocols_of(runs, knn):
+    return {project(p, knn) for r in runs for p in r.evals}
+
+
+def result_of(run, protocol, knn):
+    """The run's latest linear_eval result made with `protocol` (as projected), or None."""
+    found = [result for p, result in run.evals.items() if project(p, knn) == protocol]
+    return found[-1] if found else None
+
+
+def evaluated(runs, protocol, measure, knn=True):
+    """mean ± std of `measure` over the runs evaluated with `protocol`, and those runs."""
+    values = [(r, (result_of(r, protocol, knn) or {}).get(measure)) for r in runs]
+    done = [(r, v) for r, v in values if v is not None]
+    return (mean_std([v for _, v in done]) if done else None), [r for r, _ in done]
+
+
+def paper_order(protocols, table):
+    return sorted(protocols, key=lambda p: (bool(p.differences(table)), p.describe()))
+
+
+def paper_tables(groups, report, records):
+    """Each paper table whose rows have finished runs: paper vs ours per protocol, and what is missing."""
+    by_table = {}
+    for row in paper_rows():
+        by_table.setdefault(row.table, []).append(row)
+    for table, rows in by_table.items():
+        info = TABLES[table]
+        matched = {id(row): groups.get(row.key, []) for row in rows}
+        if not any(matched.values()):
+            continue
+        report.append(f"## {table}: {info['title']}\n")
+        if info.get("note"):
+            report.append(f"Note: {info['note']}.\n")
+        knn = uses_knn(table)
+        protocols = paper_order(protocols_of([r for runs in matched.values() for r in runs], knn), table)
+        for protocol in protocols:
+            differs = protocol.differences(table)
+            report.append(f"Protocol: {protocol.describe(knn)}; "
+                          + (f"**not the paper's**: {'; '.join(differs)}." if differs else "the paper's.") + "\n")
+            header = ["row", "command"]
+            for m in info["measures"]:
+                header += [f"{MEASURE_NAMES[m]} paper", f"{MEASURE_NAMES[m]} ours"]
+            lines = []
+            for row in rows:
+                runs = matched[id(row)]
+                cells, done = [], []
+                for m in info["measures"]:
+                    stats, done_m = evaluated(runs, protocol, m, knn)
+                    cells += [f"{row.paper[m]:.2f}", fmt(stats)]
+                    done = done or done_m
+                    records.append(dict(section="paper", table=table, row=row.label, method=row.method,
+                                        settings=row.argv, protocol=protocol.describe(knn), measure=m,
+                                        paper=row.paper[m], mean=stats[0] if stats else "",
+                                        std=stats[1] if stats and stats[1] is not None else "", n=len(done_m),
+                                        seeds=" ".join(str(r.seed) for r in done_m)))
+                if done or not differs:  # the paper's protocol lists every row, another only the rows it has
+                    lines.append([row.label, command_cell(row), *cells,
+                                  seeds_text(done) if done else "-"])
+            report += md_table(header + ["seeds"], lines) + [""]
+        if not protocols:
+            report += md_table(["row", "command", "paper", "ours"],
+                               [[r.label, command_cell(r),
+                                 " / ".join(f"{r.paper[m]:.2f}" for m in info["measures"]), "-"] for r in rows])
+            report.append("")
+        missing = [row for row in rows if not matched[id(row)]]
+        if missing:
+            report.append("Rows with no finished runs yet: run each, then `python linear_eval.py --checkpoint "
+                          f"runs/<run>{info.get('eval_extra', '')}`:\n")
+            report += [f"- {row.label}: `{row.command(info['seeds'])}`" for row in missing] + [""]
+        waiting = [r for row in rows for r in matched[id(row)] if not r.evals]
+        if waiting:
+            report.append("Finished, not evaluated yet:\n")
+            report += [f"- `python linear_eval.py --checkpoint {r.path}{info.get('eval_extra', '')}`"
+                       for r in waiting] + [""]
+
+
+def group_label(key):
+    method, dataset, epochs, setting = key
+    if setting and setting[0][0] == NO_SCRIPT:
+        text = " ".join(f"{k}={v}" for k, v in setting[1:]) + f" (no {method}.py here to read its preset)"
+    else:
+        text = flags(method, setting)
+    return f"{method}.py --dataset {dataset} --epochs {epochs}" + (f" {text}" if text else "")
+
+
+def command_cell(row):
+    return f"`{row.method}.py{' ' + row.argv if row.argv else ''}`"
+
+
+def monitor(runs):
+    """The k-NN monitor's last value (metrics.jsonl) with its protocol: mean ± std over the runs."""
+    values = [r.metrics[-1]["knn_top1"] for r in runs if r.metrics and "knn_top1" in r.metrics[-1]]
+    if not values:
+        return "-"
+    a = runs[0].args
+    return f"{fmt(mean_std(values))} ({a.get('eval_split')}, k = {a.get('knn_k')}, T = {a.get('knn_t')})"
+
+
+def other_runs(groups, report, records):
+    """Finished runs that match no row of the paper."""
+    known = {row.key for row in paper_rows()}
+    others = {k: v for k, v in groups.items() if k not in known}
+    if not others:
+        return
+    report.append("## Other runs (no row of the paper has these settings)\n")
+    lines = []
+    for key in sorted(others, key=str):
+        runs = others[key]
+        protocols = sorted({p for r in runs for p in r.evals}, key=Protocol.describe) or [None]
+        for protocol in protocols:
+            cells = []
+            for m in ("top1", "top5", "knn_top1"):
+                stats, done = evaluated(runs, protocol, m) if protocol else (None, [])
+                cells.append(fmt(stats))
+                if protocol:
+                    records.append(dict(section="other", table="", row=group_label(key), method=key[0],
+                                        settings=group_label(key), protocol=protocol.describe(), measure=m,
+                                        paper="", mean=stats[0] if stats else "",
+                                        std=stats[1] if stats and stats[1] is not None else "", n=len(done),
+                                        seeds=" ".join(str(r.seed) for r in done)))
+            evaluated_runs = [r for r in runs if result_of(r, protocol, True)] if protocol else runs
+            lines.append([f"`{group_label(key)}`", protocol.describe() if protocol else "not evaluated", *cells,
+                          monitor(runs), seeds_text(evaluated_runs)])
+    report += md_table(["settings", "evaluation", "top-1", "top-5", "k-NN", "k-NN monitor at the end", "seeds"],
+                       lines) + [""]
+
+
+def unfinished(runs, report):
+    if runs:
+        report.append("## Unfinished runs (in no table or figure; continue with `--resume <run>`)\n")
+        report += md_table(["run", "settings", "epochs done"],
+                           [[str(r.path), f"`{group_label(r.key)}`", f"{r.last_epoch} / {r.args['epochs']}"]
+                            for r in runs]) + [""]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures (matplotlib, imported here only)
+# ----------------------------------------------------------------------------------------------------------------
+FIGURE_METHODS = ("byol", "byol_uniformity", "byol_mhe")  # the paper's curves (Figs. 4-6, 8)
+
+
+def natural(text):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def preset_groups(groups, methods):
+    """Per dataset, the groups of `methods` at their preset (any --epochs, either --eval-split): the paper's curves."""
+    out = {}
+    for key in sorted(groups, key=lambda k: (methods.index(k[0]) if k[0] in methods else 99, str(k))):
+        method, dataset, _, setting = key
+        if method in methods and setting is not None and all(name == "eval_split" for name, _ in setting):
+            out.setdefault(dataset, []).append(key)
+    return out
+
+
+def curve_label(key, runs):
+    method, _, epochs, setting = key
+    split = dict(setting).get("eval_split", "test")
+    return f"{NAMES.get(method, method)}, {epochs} ep., {split} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+
+
+def draw_curves(plt, panels, groups, keys, xkey, xlabel, title, path, legend=True):
+    """One panel per (metric key, panel title, y label); one line per run, one colour per settings group.
+    Returns the path, or None when no run logged any of the metrics."""
+    panels = [p for p in panels if any(p[0] in row for key in keys for r in groups[key] for row in r.metrics)]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(4.2 * cols, 7), 3.3 * rows + (cols == 1)), squeeze=False)
+    styles, seen = {}, {}
+    for key in keys:  # a colour per method (as in Fig. 8), a line style per further group of the same method
+        colour = f"C{FIGURE_METHODS.index(key[0])}" if key[0] in FIGURE_METHODS else "C0"
+        styles[key] = (colour, ("-", "--", ":", "-.")[seen.get(colour, 0) % 4])
+        seen[colour] = seen.get(colour, 0) + 1
+    for ax, (metric, panel, ylabel) in zip(axes.flat, panels):
+        for key in keys:
+            for j, run in enumerate(groups[key]):
+                pts = [(row[xkey], row[metric]) for row in run.metrics if metric in row and xkey in row]
+                if pts:
+                    ax.plot(*zip(*pts), color=styles[key][0], ls=styles[key][1], lw=1.3,
+                            marker="." if len(pts) < 30 else None,
+                            label=curve_label(key, groups[key]) if j == 0 else None)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(title)
+    fig.tight_layout()
+    if legend:  # below the panels; savefig's tight box makes room for it
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3 if cols > 1 else 1,
+                   frameon=False)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def figure_8(plt, groups, out, written, notes):
+    """Fig. 8: top-1 (ours and the paper's) at micro-batch 1024/N minus the 1024 row, per method, per protocol."""
+    rows = [r for r in paper_rows() if r.table == "Table C.8" and r.key is not None]
+    protocols = paper_order(protocols_of([run for r in rows for run in groups.get(r.key, [])], False), "Table C.8")
+    for n, protocol in enumerate(protocols, 1):
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        drawn = False
+        for method in _C8:
+            i = FIGURE_METHODS.index(method)
+            points = {}
+            for row in (r for r in rows if r.method == method):
+                micro = 1024 // dict(row.key[3]).get("accum_steps", 1)
+                stats, _ = evaluated(groups.get(row.key, []), protocol, "top1", knn=False)
+                points[micro] = (row.paper["top1"], stats)
+            xs = sorted(points, reverse=True)
+            ax.plot(range(len(xs)), [points[x][0] - points[1024][0] for x in xs], color=f"C{i}", ls="--",
+                    marker="o", mfc="none", label=f"{NAMES[method]} (paper)")
+            if points[1024][1] is None:
+                continue
+            ours = [(k, x, points[x][1]) for k, x in enumerate(xs) if points[x][1] is not None]
+            ax.errorbar([k for k, _, _ in ours], [s[0] - points[1024][1][0] for _, _, s in ours],
+                        yerr=[s[1] or 0 for _, _, s in ours], color=f"C{i}", marker="o", capsize=3,
+                        label=f"{NAMES[method]} (ours)")
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xticks(range(4), ["1024", "512", "256", "128"])
+        ax.set_xlabel("batch size (micro-batches of 1024 / N, gradients averaged)")
+        ax.set_ylabel("top-1 change from batch 1024 (%)")
+        ax.axhline(0, color="k", lw=0.5)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        differs = protocol.differences("Table C.8")
+        ax.set_title("Fig. 8: CIFAR-10 linear top-1 vs batch size\n"
+                     + ("paper's protocol" if not differs else "not the paper's protocol: " + "; ".join(differs)),
+                     fontsize=9)
+        fig.tight_layout()
+        path = out / (f"fig8.png" if n == 1 else f"fig8-{n}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append((path, f"Fig. 8 ({protocol.describe(knn=False)}); error bars: std over seeds"))
+    if not any(p.name.startswith("fig8") for p, _ in written):
+        notes.append("Fig. 8: no evaluated run with Table C.8's settings (needs the 1024 row of a method)")
+
+
+def figures(groups, runs, out, notes):
+    """Write the figures under `out`; returns [(path, caption)]."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise common.UserError("--out draws figures with matplotlib: pip install matplotlib")
+    written = []
+
+    def add(path, caption):
+        if path:
+            written.append((path, caption))
+
+    for dataset, keys in preset_groups(groups, ("byol", "byol_mhe")).items():  # Fig. 4
+        blocks = sorted({k for key in keys for r in groups[key] for row in r.metrics for k in row
+                         if k.startswith("eval_energy_")}, key=natural)
+        blocks = [b for b in blocks if "." in b] or blocks  # the blocks (layer1.0, ...) where logged
+        add(draw_curves(plt, [(b, b[len("eval_energy_"):], "hyperspherical energy") for b in blocks], groups, keys,
+                        "step",
+                        "iteration", f"Fig. 4: hyperspherical energy of each ResNet block's output, {dataset}",
+                        out / f"fig4_{dataset}.png"), f"Fig. 4, {dataset}")
+    for dataset, keys in preset_groups(groups, FIGURE_METHODS).items():  # Figs. 5 and 6
+        add(draw_curves(plt, [("eval_uniformity", "(a) uniformity of encoder features", "G2 (Eq. 2, t = 2)")]
+                        + [(f"eval_mhe_{p}", f"(b) MHE objective, {p}", "Eq. 7 sum") for p in common.SUBNETWORKS],
+                        groups, keys, "step", "iteration",
+                        f"Fig. 5: (a) uniformity of the encoder features, (b) MHE objective, {dataset}",
+                        out / f"fig5_{dataset}.png"), f"Fig. 5, {dataset}")
+        knn = {(groups[k][0].args.get("knn_k"), groups[k][0].args.get("knn_t")) for k in keys}
+        add(draw_curves(plt, [("knn_top1", "", "k-NN top-1 (%)")], groups, keys, "epoch", "epoch",
+                        f"Fig. 6: k-NN accuracy during training, {dataset} "
+                        f"({'; '.join(f'k = {k}, T = {t}' for k, t in sorted(knn, key=str))})",
+                        out / f"fig6_{dataset}.png"), f"Fig. 6, {dataset}")
+    if not any(p.name.startswith(("fig4", "fig5", "fig6")) for p, _ in written):
+        notes.append("Figs. 4-6: no finished run of byol/byol_uniformity/byol_mhe at its preset "
+                     "(any --epochs and --eval-split)")
+    figure_8(plt, groups, out, written, notes)
+
+    curves = out / "loss_curves"
+    for run in runs:  # every logged loss term of every run, finished or not
+        terms = [k for k in run.metrics[0] if k not in NOT_LOSS and not k.startswith("eval_")
+                 and isinstance(run.metrics[0][k], (int, float))] if run.metrics else []
+        if not terms:
+            continue
+        curves.mkdir(exist_ok=True)
+        state = "" if run.finished else f" (unfinished: epoch {run.last_epoch} / {run.args['epochs']})"
+        add(draw_curves(plt, [(t, t, "mean over the epoch") for t in terms], {run.key: [run]}, [run.key], "step",
+                        "iteration", f"{run.name}: {group_label(run.key)}{state}",
+                        curves / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name) + ".png"), legend=False),
+            f"loss terms of {run.path}")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser():
+    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter)
+    p.add_argument("paths", nargs="+", type=Path, help="run folders, or folders holding run folders (any depth)")
+    p.add_argument("--out", type=Path, default=None, help="also write results.md, results.csv, runs.csv and the "
+                   "figures (PNG) into this folder")
+    return p
+
+
+def runs_csv(runs):
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["run", "method", "dataset", "epochs", "seed", "settings", "finished", "epochs_done",
+                "eval_file", "protocol", "top1", "top5", "knn_top1"])
+    for r in runs:
+        base = [r.path, r.method, r.args["dataset"], r.args["epochs"], r.seed, group_label(r.key), r.finished,
+                r.last_epoch]
+        for p, result in r.evals.items():
+            w.writerow(base + [r.eval_files[p], p.describe(), result.get("top1"), result.get("top5"),
+                               result.get("knn_top1")])
+        if not r.evals:
+            w.writerow(base + ["", "", "", "", ""])
+    return buf.getvalue()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise common.UserError(f"--out {args.out} is a file, not a folder")
+    notes = []
+    runs = find_runs(args.paths, notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not runs:
+        raise common.UserError(f"no run folders (folders with args.json) under {', '.join(map(str, args.paths))}")
+    done = [r for r in runs if r.finished]
+    groups = {}
+    for r in done:
+        groups.setdefault(r.key, []).append(r)
+
+    report, records = [f"# Results: {len(done)} finished run(s), {len(runs) - len(done)} unfinished\n"], []
+    paper_tables(groups, report, records)
+    other_runs(groups, report, records)
+    unfinished([r for r in runs if not r.finished], report)
+    if not done:
+        report.append("No finished runs yet.\n")
+
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        fig_notes = []
+        written = figures(groups, runs, args.out, fig_notes)
+        report.append("## Figures\n")
+        report += [f"- `{p.relative_to(args.out)}`: {caption}" for p, caption in written]
+        report += [f"- {n}" for n in fig_notes] + [""]
+        (args.out / "results.md").write_text("\n".join(report) + "\n")
+        with open(args.out / "results.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["section", "table", "row", "method", "settings", "protocol", "measure",
+                                              "paper", "mean", "std", "n", "seeds"])
+            w.writeheader()
+            w.writerows(records)
+        (args.out / "runs.csv").write_text(runs_csv(runs))
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    common.cli(main)

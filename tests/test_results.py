@@ -1,0 +1,213 @@
+"""results.py: run folders -> the paper's tables (ours beside the paper's) and figures."""
+import csv
+import importlib
+import json
+import math
+
+import pytest
+
+import common
+import results
+from conftest import run_script
+from test_cli import TINY, check_ok, check_one_line_error
+
+BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]  # ResNet-18's eight blocks (Fig. 4)
+
+
+def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_per_epoch=48):
+    """A run folder as the scripts write it: args.json (the script's own parse_args), metrics.jsonl (one line per
+    epoch, the analysis every 50 epochs) and linear_eval JSONs (dicts of top1/top5/knn_top1, plus any field)."""
+    args = vars(importlib.import_module(script).parse_args([*argv, "--seed", str(seed)]))
+    folder = root / name
+    folder.mkdir(parents=True)
+    args["out_dir"] = str(folder)
+    (folder / "args.json").write_text(json.dumps(args, indent=2))
+    done = args["epochs"] if done is None else done
+    lines, shift = [], {"byol": 0.3, "byol_uniformity": 0.15}.get(script, 0.0)  # curves apart in the figures
+    for e in range(1, done + 1):
+        row = {"epoch": e, "step": e * steps_per_epoch, "loss": 4 / e + seed, "byol": 3 / e, "lr": 0.1, "tau": 0.99,
+               "seconds": 1.0, "images_per_s": 100.0}
+        if script == "byol_mhe":
+            row["mhe"] = 1 / e
+        if e % 50 == 0 or e == done:
+            row.update(knn_top1=50 + e / 10 - 10 * shift, eval_uniformity=-1 - e / 300 + shift, eval_alignment=0.5,
+                       **{f"eval_mhe_{p}": 0.5 + 0.1 * i + shift - e / 3000
+                          for i, p in enumerate(("encoder", "projector", "predictor"))},
+                       **{f"eval_energy_{b}": 1 + k / 10 - e / 1000 + shift for k, b in enumerate(BLOCKS)})
+        lines.append(json.dumps(row))
+    (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    for i, ev in enumerate(evals):
+        split = ev.pop("eval_split", "test")
+        result = {"checkpoint": str(folder / "last.pt"), "method": args["method"], "dataset": args["dataset"],
+                  "eval_split": split, "top5": 99.0, "knn_top1": 80.0, "knn_k": 200, "knn_t": 0.1, "epochs": 80,
+                  "batch_size": 100, "lr": 0.2, "effective_lr": 0.078125, "precompute": False, **ev}
+        suffix = f"-{i + 1}" if i and any(e.get("eval_split", "test") == split for e in evals[:i]) else ""
+        (folder / f"linear_eval_{split}{suffix}.json").write_text(json.dumps(result))
+    return folder
+
+
+def write_runs(root):
+    """16 runs (one unfinished) covering rows of Tables 4, 5, C.6, C.7, C.8, other runs, and a folder of notes."""
+    for seed, top1 in enumerate((90.0, 91.0, 92.0)):  # Table 5 'encoder': mean 91, sample std 1
+        write_run(root, f"t5-encoder-{seed}", "byol_mhe", ["--mhe-on", "encoder"], seed, evals=[{"top1": top1}])
+    write_run(root, "t5-encoder-3", "byol_mhe", ["--mhe-on", "encoder"], 3, done=100, evals=[{"top1": 10.0}])
+    for seed, top1 in enumerate((89.5, 90.5)):  # Table C.6 lambda 0.01: mean 90, std sqrt(0.5)
+        write_run(root, f"c6/w0.01-{seed}", "byol_mhe", ["--pow", "2", "--mhe-weight", "0.01"], seed,
+                  evals=[{"top1": top1}])
+    # Table C.8 / Fig. 8: micro-batches of 1024 and 512 (BYOL), 1024 and 256 (BYOL-MHE), 1024 (BYOL + L_uni)
+    for seed, (a, b) in enumerate(((90.0, 88.0), (91.0, 88.0))):
+        write_run(root, f"c8/byol-1-{seed}", "byol", [], seed, evals=[{"top1": a}])
+        write_run(root, f"c8/byol-2-{seed}", "byol", ["--accum-steps", "2"], seed, evals=[{"top1": b}])
+    write_run(root, "c8/mhe-1", "byol_mhe", [], 0, evals=[{"top1": 91.5}])
+    write_run(root, "c8/mhe-4", "byol_mhe", ["--accum-steps", "4"], 0, evals=[{"top1": 88.5}])
+    write_run(root, "c8/uni-1", "byol_uniformity", [], 0, evals=[{"top1": 91.0}])
+    # evaluated on the held-out val split only, and with a 5-epoch precomputed probe: never in the paper's column
+    write_run(root, "val-eval", "byol_mhe", ["--mhe-on", "predictor"], 0,
+              evals=[{"top1": 77.0, "eval_split": "val"}, {"top1": 66.0, "epochs": 5, "precompute": True}])
+    write_run(root, "other", "byol_mhe", ["--pow", "2", "--mhe-weight", "5"], 0, evals=[{"top1": 80.0}])
+    write_run(root, "not-evaluated", "byol_mhe", ["--mhe-on", "projector"], 0)
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("not a run")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return write_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    proc = check_ok(run_script("results.py", runs, "--out", out))
+    return proc, out
+
+
+def section(text, title):
+    start = text.index(title)
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def table_line(text, first_cell):
+    return next(line for line in text.splitlines() if line.startswith(f"| {first_cell} |"))
+
+
+def test_rows_are_grouped_over_seeds_and_averaged(report):
+    (proc, out) = report
+    t5 = section(proc.stdout, "## Table 5")
+    paper_protocol = t5.split("Protocol:")[1]  # the first table is the paper's protocol
+    assert "the paper's." in paper_protocol.splitlines()[0]
+    line = table_line(paper_protocol, "encoder")
+    assert "| 90.96 | 91.00 ± 1.00 | 3 (0, 1, 2) |" in line  # hand-computed: mean 91, sample std 1
+    c6 = table_line(section(proc.stdout, "## Table C.6"), "lambda_MHE = 0.01")
+    assert f"| 91.12 | 90.00 ± {math.sqrt(0.5):.2f} | 2 (0, 1) |" in c6
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    enc = [r for r in rows if r["table"] == "Table 5" and r["row"] == "encoder" and "test split" in r["protocol"]
+           and "80 epochs" in r["protocol"]]
+    assert len(enc) == 1 and float(enc[0]["mean"]) == 91.0 and float(enc[0]["std"]) == 1.0 and enc[0]["n"] == "3"
+    # a BYOL run fills every table where BYOL is a row (Tables 4, 5, C.7, C.8): 90.00 and 91.00 -> 90.50
+    for table in ("## Table 4", "## Table 5", "## Table C.7"):
+        assert "| 90.74 | 90.50 ± 0.71 | 2 (0, 1) |" in section(proc.stdout, table)
+
+
+def test_unfinished_runs_are_listed_not_averaged(report):
+    proc, _ = report
+    unfinished = section(proc.stdout, "## Unfinished runs")
+    assert "t5-encoder-3" in unfinished and "| 100 / 300 |" in unfinished and "--mhe-on encoder" in unfinished
+    assert "10.00" not in section(proc.stdout, "## Table 5")
+    assert "# Results: 15 finished run(s), 1 unfinished" in proc.stdout
+
+
+def test_missing_rows_show_their_commands(report):
+    proc, _ = report
+    c6 = section(proc.stdout, "## Table C.6")
+    assert "- lambda_MHE = 0.001: `python byol_mhe.py --pow 2 --mhe-weight 0.001 --seed S  (S = 0, 1, 2)`" in c6
+    assert "lambda_MHE = 0.01:" not in c6.split("no finished runs yet")[1]
+    t5 = section(proc.stdout, "## Table 5")
+    assert "Finished, not evaluated yet" in t5 and "not-evaluated" in t5
+    assert "## Table 1" not in proc.stdout and "## Table 3" not in proc.stdout  # no run covers them
+
+
+def test_val_split_and_other_protocols_stay_out_of_the_papers_column(report):
+    proc, _ = report
+    t5 = section(proc.stdout, "## Table 5")
+    tables = t5.split("Protocol:")[1:]
+    assert "test split" in tables[0].splitlines()[0] and "the paper's." in tables[0].splitlines()[0]
+    assert table_line(tables[0], "predictor").endswith("| 91.10 | - | - |")
+    val = next(t for t in tables if t.startswith(" val split"))
+    assert "**not the paper's**: split val (paper: test)" in val and "| 91.10 | 77.00 | 1 (0) |" in val
+    short = next(t for t in tables if "precomputed" in t.splitlines()[0])
+    assert "probe epochs 5 (paper: 80)" in short and "| 91.10 | 66.00 | 1 (0) |" in short
+
+
+def test_runs_that_match_no_row_are_other_runs(report):
+    proc, _ = report
+    other = section(proc.stdout, "## Other runs")
+    assert "`byol_mhe.py --dataset cifar10 --epochs 300 --mhe-weight 5.0 --pow 2`" in other and "80.00" in other
+    assert "--mhe-on encoder" not in other  # those are Table 5's
+
+
+def test_each_figure_is_written(report):
+    proc, out = report
+    pngs = ["fig4_cifar10.png", "fig5_cifar10.png", "fig6_cifar10.png", "fig8.png"]
+    pngs += [f"loss_curves/{p.name}" for p in (out / "loss_curves").iterdir()]
+    assert len(pngs) == 4 + 16  # one loss curve per run, the unfinished one included
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+        assert f"`{name}`" in (out / "results.md").read_text()
+    assert (out / "results.md").read_text().startswith("# Results")
+    assert "encoder.pt" not in (out / "runs.csv").read_text() and "t5-encoder-3" in (out / "runs.csv").read_text()
+
+
+def test_a_folder_that_is_not_a_run_is_skipped_with_a_note(report, runs):
+    proc, _ = report
+    notes = [line for line in proc.stderr.splitlines() if "notes" in line]
+    assert notes == [f"note: skipped {runs / 'notes'}: not a run folder (no args.json)"]
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["empty"], "no run folders (folders with args.json) under empty"),
+    (["missing"], "missing is not a folder"),
+    (["empty", "--out", "file"], "--out file is a file"),
+])
+def test_empty_folder_and_bad_paths(tmp_path, monkeypatch, capsys, argv, text):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        common.cli(lambda: results.main(argv))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and text in err, err
+
+
+def test_real_tiny_run(cifar_dir, tmp_path):
+    """A real BYOL-MHE run and its linear evaluation, as the scripts write them, read back."""
+    run = tmp_path / "runs" / "tiny"
+    check_ok(run_script("byol_mhe.py", "--data-dir", cifar_dir, "--batch-size", "16", "--out-dir", run, *TINY))
+    check_ok(run_script("linear_eval.py", "--checkpoint", run, "--epochs", "1", "--workers", "0", "--precompute"))
+    result = json.loads((run / "linear_eval_test.json").read_text())
+    proc = check_ok(run_script("results.py", tmp_path / "runs", "--out", tmp_path / "out"))
+    other = section(proc.stdout, "## Other runs")
+    assert "--epochs 1 --batch-size 16 --hidden-dim 64 --proj-dim 32" in other
+    assert f"| {result['top1']:.2f} | {result['top5']:.2f} | {result['knn_top1']:.2f} |" in other
+    assert "linear probe 1 epoch on precomputed features" in other
+    assert (tmp_path / "out" / "loss_curves" / "tiny.png").stat().st_size > 5000
+
+
+def test_table_1_keeps_the_knn_protocol_and_the_latest_evaluation(tmp_path, capsys):
+    """Table 1's k-NN column is DINO's (k = 20, T = 0.07); a second evaluation with the same protocol
+    (linear_eval_test-3.json after -2) replaces the earlier one, one with another protocol stays apart."""
+    dino = {"knn_k": 20, "knn_t": 0.07}
+    write_run(tmp_path, "in1k", "byol", ["--dataset", "imagenet", "--epochs", "1000"], 0, steps_per_epoch=2,
+              evals=[{"top1": 70.0, "knn_top1": 50.0}, {"top1": 73.0, "knn_top1": 60.0, **dino},
+                     {"top1": 74.0, "knn_top1": 62.0, **dino}])
+    assert results.main([str(tmp_path)]) == 0
+    t1 = section(capsys.readouterr().out, "## Table 1")
+    ours, other = t1.split("Protocol:")[1:]
+    assert "k-NN k = 20, T = 0.07; the paper's." in ours.splitlines()[0]
+    assert table_line(ours, "BYOL*").endswith("| 74.10 | 74.00 | 63.70 | 62.00 | 1 (0) |")
+    assert "**not the paper's**: k-NN k = 200, T = 0.1 (paper: k = 20, T = 0.07)" in other
+    assert table_line(other, "BYOL*").endswith("| 74.10 | 70.00 | 63.70 | 50.00 | 1 (0) |")
+    assert "`python byol_mhe.py --dataset imagenet --epochs 1000 --data-dir <imagenet> --knn-k 20 --knn-t 0.07`" in t1

@@ -286,7 +286,8 @@ def read_run(path, notes):
     """A Run from a folder holding args.json, or None (with a note) when the folder cannot be read as one."""
     try:
         args = json.loads((path / "args.json").read_text())
-        if not isinstance(args, dict) or not all(k in args for k in ("method", "dataset", "epochs")):
+        if not isinstance(args, dict) or not isinstance(args.get("epochs"), int) or \
+                not all(isinstance(args.get(k), str) for k in ("method", "dataset")):
             raise ValueError("no method, dataset or epochs")
     except (OSError, ValueError) as e:
         notes.append(f"skipped {path}: unreadable args.json ({e})")
@@ -315,6 +316,7 @@ def read_run(path, notes):
         except (OSError, ValueError, KeyError, TypeError) as e:
             notes.append(f"{p}: not a linear_eval result ({e}), ignored")
             continue
+        run.evals.pop(protocol, None)  # keep the dict in order of evaluation (result_of takes the last)
         run.evals[protocol], run.eval_files[protocol] = result, p.name
     return run
 
@@ -413,6 +415,18 @@ def evaluated(runs, protocol, measure, knn=True):
     return (mean_std([v for _, v in done]) if done else None), [r for r, _ in done]
 
 
+CSV_FIELDS = ("section", "table", "row", "method", "settings", "protocol", "papers_protocol", "measure", "paper",
+              "mean", "std", "n", "seeds")
+
+
+def record(*values):
+    """One line of results.csv; the last two values are (mean, std) or None and the runs averaged."""
+    *head, stats, runs = values
+    mean, std = stats if stats else ("", "")
+    return dict(zip(CSV_FIELDS, [*head, mean, "" if std is None else std, len(runs),
+                                 " ".join(str(r.seed) for r in runs)]))
+
+
 def paper_order(protocols, table):
     return sorted(protocols, key=lambda p: (bool(p.differences(table)), p.describe()))
 
@@ -447,11 +461,8 @@ def paper_tables(groups, report, records):
                     stats, done_m = evaluated(runs, protocol, m, knn)
                     cells += [f"{row.paper[m]:.2f}", fmt(stats)]
                     done = done or done_m
-                    records.append(dict(section="paper", table=table, row=row.label, method=row.method,
-                                        settings=row.argv, protocol=protocol.describe(knn), measure=m,
-                                        paper=row.paper[m], mean=stats[0] if stats else "",
-                                        std=stats[1] if stats and stats[1] is not None else "", n=len(done_m),
-                                        seeds=" ".join(str(r.seed) for r in done_m)))
+                    records.append(record("paper", table, row.label, row.method, row.argv, protocol.describe(knn),
+                                          not differs, m, row.paper[m], stats, done_m))
                 if done or not differs:  # the paper's protocol lists every row, another only the rows it has
                     lines.append([row.label, command_cell(row), *cells,
                                   seeds_text(done) if done else "-"])
@@ -512,11 +523,8 @@ def other_runs(groups, report, records):
                 stats, done = evaluated(runs, protocol, m) if protocol else (None, [])
                 cells.append(fmt(stats))
                 if protocol:
-                    records.append(dict(section="other", table="", row=group_label(key), method=key[0],
-                                        settings=group_label(key), protocol=protocol.describe(), measure=m,
-                                        paper="", mean=stats[0] if stats else "",
-                                        std=stats[1] if stats and stats[1] is not None else "", n=len(done),
-                                        seeds=" ".join(str(r.seed) for r in done)))
+                    records.append(record("other", "", group_label(key), key[0], group_label(key),
+                                          protocol.describe(), "", m, "", stats, done))
             evaluated_runs = [r for r in runs if result_of(r, protocol, True)] if protocol else runs
             lines.append([f"`{group_label(key)}`", protocol.describe() if protocol else "not evaluated", *cells,
                           monitor(runs), seeds_text(evaluated_runs)])
@@ -754,8 +762,7 @@ def main(argv=None):
         report += [f"- {n}" for n in fig_notes] + [""]
         (args.out / "results.md").write_text("\n".join(report) + "\n")
         with open(args.out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["section", "table", "row", "method", "settings", "protocol", "measure",
-                                              "paper", "mean", "std", "n", "seeds"])
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             w.writeheader()
             w.writerows(records)
         (args.out / "runs.csv").write_text(runs_csv(runs))

@@ -65,7 +65,9 @@ def write_runs(root):
     write_run(root, "val-eval", "byol_mhe", ["--mhe-on", "predictor"], 0,
               evals=[{"top1": 77.0, "eval_split": "val"}, {"top1": 66.0, "epochs": 5, "precompute": True}])
     write_run(root, "other", "byol_mhe", ["--pow", "2", "--mhe-weight", "5"], 0, evals=[{"top1": 80.0}])
-    write_run(root, "not-evaluated", "byol_mhe", ["--mhe-on", "projector"], 0)
+    broken = write_run(root, "not-evaluated", "byol_mhe", ["--mhe-on", "projector"], 0)
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 301, "st')  # a line cut short by a crash
     (root / "notes").mkdir()
     (root / "notes" / "todo.txt").write_text("not a run")
     return root
@@ -103,8 +105,7 @@ def test_rows_are_grouped_over_seeds_and_averaged(report):
     c6 = table_line(section(proc.stdout, "## Table C.6"), "lambda_MHE = 0.01")
     assert f"| 91.12 | 90.00 ± {math.sqrt(0.5):.2f} | 2 (0, 1) |" in c6
     rows = list(csv.DictReader(open(out / "results.csv")))
-    enc = [r for r in rows if r["table"] == "Table 5" and r["row"] == "encoder" and "test split" in r["protocol"]
-           and "80 epochs" in r["protocol"]]
+    enc = [r for r in rows if r["table"] == "Table 5" and r["row"] == "encoder" and r["papers_protocol"] == "True"]
     assert len(enc) == 1 and float(enc[0]["mean"]) == 91.0 and float(enc[0]["std"]) == 1.0 and enc[0]["n"] == "3"
     # a BYOL run fills every table where BYOL is a row (Tables 4, 5, C.7, C.8): 90.00 and 91.00 -> 90.50
     for table in ("## Table 4", "## Table 5", "## Table C.7"):
@@ -165,6 +166,7 @@ def test_a_folder_that_is_not_a_run_is_skipped_with_a_note(report, runs):
     proc, _ = report
     notes = [line for line in proc.stderr.splitlines() if "notes" in line]
     assert notes == [f"note: skipped {runs / 'notes'}: not a run folder (no args.json)"]
+    assert f"note: {runs / 'not-evaluated'}: ignored 1 unreadable line(s) of metrics.jsonl" in proc.stderr
 
 
 @pytest.mark.parametrize("argv,text", [

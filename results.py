@@ -555,7 +555,7 @@ def preset_groups(groups, methods):
     out = {}
     for key in sorted(groups, key=lambda k: (methods.index(k[0]) if k[0] in methods else 99, str(k))):
         method, dataset, _, setting = key
-        if method in methods and setting is not None and all(name == "eval_split" for name, _ in setting):
+        if method in methods and all(name == "eval_split" for name, _ in setting):
             out.setdefault(dataset, []).append(key)
     return out
 
@@ -643,7 +643,7 @@ def figure_8(plt, groups, out, written, notes):
                      + ("paper's protocol" if not differs else "not the paper's protocol: " + "; ".join(differs)),
                      fontsize=9)
         fig.tight_layout()
-        path = out / (f"fig8.png" if n == 1 else f"fig8-{n}.png")
+        path = out / ("fig8.png" if n == 1 else f"fig8-{n}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append((path, f"Fig. 8 ({protocol.describe(knn=False)}); error bars: std over seeds"))
@@ -670,8 +670,7 @@ def figures(groups, runs, out, notes):
                          if k.startswith("eval_energy_")}, key=natural)
         blocks = [b for b in blocks if "." in b] or blocks  # the blocks (layer1.0, ...) where logged
         add(draw_curves(plt, [(b, b[len("eval_energy_"):], "hyperspherical energy") for b in blocks], groups, keys,
-                        "step",
-                        "iteration", f"Fig. 4: hyperspherical energy of each ResNet block's output, {dataset}",
+                        "step", "iteration", f"Fig. 4: hyperspherical energy of each ResNet block's output, {dataset}",
                         out / f"fig4_{dataset}.png"), f"Fig. 4, {dataset}")
     for dataset, keys in preset_groups(groups, FIGURE_METHODS).items():  # Figs. 5 and 6
         add(draw_curves(plt, [("eval_uniformity", "(a) uniformity of encoder features", "G2 (Eq. 2, t = 2)")]
@@ -689,18 +688,22 @@ def figures(groups, runs, out, notes):
                      "(any --epochs and --eval-split)")
     figure_8(plt, groups, out, written, notes)
 
-    curves = out / "loss_curves"
+    curves, names = out / "loss_curves", set()
     for run in runs:  # every logged loss term of every run, finished or not
-        terms = [k for k in run.metrics[0] if k not in NOT_LOSS and not k.startswith("eval_")
-                 and isinstance(run.metrics[0][k], (int, float))] if run.metrics else []
+        # the terms are logged every epoch; the k-NN and the analysis measures only at evaluations
+        terms = [k for k in (run.metrics[0] if run.metrics else {}) if k not in NOT_LOSS and not k.startswith("eval_")
+                 and all(isinstance(row.get(k), (int, float)) for row in run.metrics)]
         if not terms:
             continue
         curves.mkdir(exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name)
+        name = next(f"{name}{suffix}" for suffix in ["", *(f"-{i}" for i in range(2, len(runs) + 2))]
+                    if f"{name}{suffix}" not in names)  # two paths given may hold runs of the same name
+        names.add(name)
         state = "" if run.finished else f" (unfinished: epoch {run.last_epoch} / {run.args['epochs']})"
         add(draw_curves(plt, [(t, t, "mean over the epoch") for t in terms], {run.key: [run]}, [run.key], "step",
-                        "iteration", f"{run.name}: {group_label(run.key)}{state}",
-                        curves / (re.sub(r"[^A-Za-z0-9_.-]+", "_", run.name) + ".png"), legend=False),
-            f"loss terms of {run.path}")
+                        "iteration", f"{run.name}: {group_label(run.key)}{state}", curves / f"{name}.png",
+                        legend=False), f"loss terms of {run.path}")
     return written
 
 

@@ -781,20 +781,26 @@ def main(argv=None):
         report.append("No finished runs yet.\n")
 
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        fig_notes = []
-        written = figures(groups, runs, args.out, fig_notes)
-        report.append("## Figures\n")
-        report += [f"- `{p.relative_to(args.out)}`: {caption}" for p, caption in written]
-        report += [f"- {n}" for n in fig_notes] + [""]
-        (args.out / "results.md").write_text("\n".join(report) + "\n")
-        with open(args.out / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            w.writerows(records)
-        (args.out / "runs.csv").write_text(runs_csv(runs))
+        try:
+            write_out(args.out, report, records, groups, runs)
+        except OSError as e:
+            raise common.UserError(f"cannot write into --out {args.out}: {e.strerror or e}")
     print("\n".join(report))
     return 0
+
+
+def write_out(out, report, records, groups, runs):
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    written = figures(groups, runs, out, notes)
+    report.append("## Figures\n")
+    report += [f"- `{p.relative_to(out)}`: {caption}" for p, caption in written] + [f"- {n}" for n in notes] + [""]
+    (out / "results.md").write_text("\n".join(report) + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(records)
+    (out / "runs.csv").write_text(runs_csv(runs))
 
 
 if __name__ == "__main__":

@@ -173,11 +173,13 @@ def test_a_folder_that_is_not_a_run_is_skipped_with_a_note(report, runs):
     (["empty"], "no run folders (folders with args.json) under empty"),
     (["missing"], "missing is not a folder"),
     (["empty", "--out", "file"], "--out file is a file"),
+    (["run", "--out", "file/sub"], "cannot write into --out file/sub"),
 ])
 def test_empty_folder_and_bad_paths(tmp_path, monkeypatch, capsys, argv, text):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
+    write_run(tmp_path, "run", "byol", [], 0, done=1)
     with pytest.raises(SystemExit) as exit:
         common.cli(lambda: results.main(argv))
     err = capsys.readouterr().err

@@ -11,7 +11,6 @@ method's own parse_args. Runs of one row are averaged over seeds (mean, sample s
 not finished are listed apart and never averaged in; runs that match no row of the paper go to "Other runs".
 matplotlib is needed for --out only (the training scripts never import it).
 """
-import argparse
 import csv
 import dataclasses
 import functools

@@ -9,7 +9,7 @@ import pytest
 import common
 import results
 from conftest import run_script
-from test_cli import TINY, check_ok, check_one_line_error
+from test_cli import TINY, check_ok
 
 BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]  # ResNet-18's eight blocks (Fig. 4)
 

@@ -61,7 +61,7 @@ def write_runs(root):
     write_run(root, "c8/mhe-1", "byol_mhe", [], 0, evals=[{"top1": 91.5}])
     write_run(root, "c8/mhe-4", "byol_mhe", ["--accum-steps", "4"], 0, evals=[{"top1": 88.5}])
     write_run(root, "c8/uni-1", "byol_uniformity", [], 0, evals=[{"top1": 91.0}])
-    # evaluated on the held-out val split only, and with a 5-epoch precomputed probe: never in the paper's column
+    # evaluated on the held-out val split, and on test by a 5-epoch precomputed probe: neither is the paper's column
     write_run(root, "val-eval", "byol_mhe", ["--mhe-on", "predictor"], 0,
               evals=[{"top1": 77.0, "eval_split": "val"}, {"top1": 66.0, "epochs": 5, "precompute": True}])
     write_run(root, "other", "byol_mhe", ["--pow", "2", "--mhe-weight", "5"], 0, evals=[{"top1": 80.0}])

@@ -47,8 +47,8 @@ TABLES = {
                     seeds=3, note="MHE on encoder, projector and predictor when on"),
     "Table 5": dict(title="CIFAR-10, ResNet-18, 300 epochs: MHE (a2) per sub-network (top-1 %)",
                     measures=("top1",), seeds=3,
-                    note="** the paper's Table 5 has lost the encoder marks of its third and fourth columns; these "
-                         "two rows are the subsets left over, in the order we read them (a guess)"),
+                    note="** the paper's Table 5 has lost marks in its third and fourth columns: 91.36 and 91.46 "
+                         "belong to these two subsets in an order we guessed (the other reading swaps them)"),
     "Table C.6": dict(title="CIFAR-10, ResNet-18, 300 epochs: lambda_MHE, s = 2 (top-1 %)", measures=("top1",),
                       seeds=3),
     "Table C.7": dict(title="CIFAR-10, ResNet-18, 300 epochs: MHE power s (top-1 %)", measures=("top1",), seeds=3,

@@ -198,6 +198,11 @@ def test_real_tiny_run(cifar_dir, tmp_path):
     assert f"| {result['top1']:.2f} | {result['top5']:.2f} | {result['knn_top1']:.2f} |" in other
     assert "linear probe 1 epoch on precomputed features" in other
     assert (tmp_path / "out" / "loss_curves" / "tiny.png").stat().st_size > 5000
+    # the columns Figs. 4-6 draw are the ones a run writes
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("knn_top1", "eval_uniformity", "eval_mhe_encoder", "eval_mhe_projector", "eval_mhe_predictor",
+                *[f"eval_energy_{b}" for b in BLOCKS]):
+        assert isinstance(row[key], float), key
 
 
 def test_table_1_keeps_the_knn_protocol_and_the_latest_evaluation(tmp_path, capsys):

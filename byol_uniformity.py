@@ -31,11 +31,12 @@ def uniformity_term(args):
     B vectors their own set of pairs.
 
     The pairs come from the (micro-)batch: with --accum-steps N each micro-batch of batch/N images is its own set
-    of pairs, as in the paper's batch-size study (Section 5.1, Table C.8)."""
+    of pairs, as in the paper's batch-size study (Section 5.1, Table C.8). Under torchrun they come from the global
+    micro-batch: common.gather brings every process's rows (with their gradients)."""
     v1, v2 = ("z1", "z2") if args.unif_on == "projector" else ("h1", "h2")  # see byol.BYOL.forward
 
     def terms(model, out):
-        uni = (common.uniformity_loss(out[v1], args.unif_t) + common.uniformity_loss(out[v2], args.unif_t)) / 2
+        uni = sum(common.uniformity_loss(common.gather(out[v]), args.unif_t) for v in (v1, v2)) / 2
         return {"uniformity": (args.unif_weight, uni)}
     return terms
 

@@ -13,10 +13,13 @@ Sections, in the order the paper introduces them:
   evaluation                     weighted k-NN monitor; uniformity (Eq. 2), alignment (Eq. A.1), hyperspherical
                                  energy (Eq. 5, A.3) and the paper's uniformity analysis (Figs. 4, 5)
   checkpoints                    atomic, resumable, readable with weights_only=True
+  many processes                 torchrun: join the group, gather with gradients, average gradients, BatchNorm
+                                 over the global batch, rank 0 alone writes
   training loop                  gradient accumulation (Section 5.1), pre-emption, metrics.jsonl
 """
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import math
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -55,6 +60,8 @@ def cli(main):
     except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_distributed()
 
 
 class Parser(argparse.ArgumentParser):
@@ -111,7 +118,8 @@ def base_parser():
     g.add_argument("--epochs", type=int, default=None, help="pre-training epochs (default: preset); also picks the "
                    "preset row")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="the paper's batch size per optimizer step (default: preset)")
+                   help="the paper's batch size per optimizer step (default: preset); under torchrun the global "
+                        "batch: each of W processes takes batch/(W x accum-steps) images per micro-batch")
     g.add_argument("--accum-steps", type=int, default=1,
                    help="split each batch into N micro-batches and accumulate their gradients (Section 5.1). "
                         "BatchNorm statistics are computed per micro-batch of batch-size/N images")
@@ -127,7 +135,8 @@ def base_parser():
     g.add_argument("--out-dir", default=None, help="run folder (default: runs/<method>-<dataset>-<time>)")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue the run saved in this last.pt (or its run folder) with its own settings; "
-                        "--device, --workers and --data-dir may change, other flags are taken from the checkpoint")
+                        "--device, --workers, --data-dir and --sync-bn may change (and the number of processes), "
+                        "other flags are taken from the checkpoint")
     g.add_argument("--knn-every", type=int, default=5, help="weighted k-NN accuracy every N epochs and at the end "
                    "(0: only at the end)")
     g.add_argument("--knn-k", type=int, default=200,
@@ -138,7 +147,14 @@ def base_parser():
                    help="eval images (drawn once with a fixed seed over the whole eval split) for the uniformity "
                         "analysis logged with each k-NN evaluation as eval_uniformity, eval_alignment, "
                         "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5); 0 turns it off")
-    g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps")
+    g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps (under "
+                   "torchrun also how often the processes agree on a stop signal)")
+
+    g = p.add_argument_group("many GPUs (torchrun; see README 'Many GPUs')")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="every BatchNorm normalises over the global micro-batch of all processes, as BYOL's "
+                        "cross-replica BatchNorm and SimCLR's global BN (the paper is silent; it follows BYOL). "
+                        "Default: on under torchrun; only under torchrun")
     return p
 
 
@@ -190,12 +206,14 @@ def check_args(args):
 def parse_args(parser, argv, presets, method):
     """Parse, restore the settings of a run being resumed, fill presets, check."""
     args = parser.parse_args(argv)
+    if getattr(args, "sync_bn", None) and not under_torchrun():
+        raise UserError("--sync-bn needs torchrun (one process already normalises over the whole batch)")
     if args.resume:
         path = checkpoint_path(args.resume)
         saved = load_checkpoint(path)["args"]
         if saved.get("method") != method:
             raise UserError(f"{path} is a {saved.get('method')} run; resume it with {saved.get('method')}.py")
-        keep = {k: getattr(args, k) for k in ("device", "workers", "data_dir")
+        keep = {k: getattr(args, k) for k in ("device", "workers", "data_dir", "sync_bn")
                 if getattr(args, k) != parser.get_default(k)}  # only what was given on this command line
         return argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
     args.method = method
@@ -339,11 +357,14 @@ class TwoViews(Dataset):
 class EpochBatches(torch.utils.data.Sampler):
     """Micro-batches of (index, augmentation seed) for one epoch, drawn from (seed, epoch) alone.
 
-    An epoch is `steps` optimizer steps of `accum` micro-batches; the incomplete last batch is dropped."""
+    An epoch is `steps` optimizer steps of `accum` micro-batches; the incomplete last batch is dropped. Process
+    `rank` of `world` takes the rank-th of `world` equal consecutive parts (`share`) of every global micro-batch."""
 
-    def __init__(self, n, micro_batch, steps, accum, seed):
+    def __init__(self, n, micro_batch, steps, accum, seed, rank=0, world=1):
         self.n, self.micro_batch, self.steps, self.accum, self.seed = n, micro_batch, steps, accum, seed
         self.epoch, self.start = 0, 0
+        part = micro_batch // world
+        self.share = slice(rank * part, (rank + 1) * part)
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start = epoch, start_step * self.accum
@@ -352,7 +373,7 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.steps * self.accum - self.start
 
     def micro_batches(self, device=None):
-        """(image indices on `device`, augmentation seeds) of each remaining micro-batch of the epoch."""
+        """(image indices on `device`, augmentation seeds) of each remaining global micro-batch of the epoch."""
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         order, seeds = torch.randperm(self.n, generator=g), torch.randint(2**62, (self.n,), generator=g)
         order, m = order.to(device), self.micro_batch
@@ -361,7 +382,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for index, seeds in self.micro_batches():
-            yield list(zip(index.tolist(), seeds.tolist()))
+            yield list(zip(index[self.share].tolist(), seeds[self.share].tolist()))
 
 
 IN_MEMORY = ("cifar10", "cifar100", "stl10")  # small enough to live on the training device as uint8
@@ -397,16 +418,19 @@ def labels_of(ds):
 class DeviceViews:
     """Both views of each micro-batch, made by batched_view from the whole uint8 split held on the device: no
     DataLoader, no host-to-device copy per step. Same order as EpochBatches; each micro-batch's augmentations come
-    from a generator seeded by (seed, epoch, position), so a resumed run sees the same views."""
+    from a generator seeded by (seed, epoch, position), so a resumed run sees the same views. Under torchrun every
+    process draws the parameters of the whole global micro-batch and makes the views of its share only, so the
+    views of an image do not depend on the number of processes."""
 
     def __init__(self, images, sampler, dataset, size, views):
         self.images, self.sampler, self.dataset, self.size, self.views = images, sampler, dataset, size, views
 
     def __iter__(self):
-        dev = self.images.device
+        dev, share = self.images.device, self.sampler.share
         for index, seeds in self.sampler.micro_batches(dev):
             g = torch.Generator(dev).manual_seed(int(seeds[0]))
-            yield tuple(batched_view(self.images[index], self.dataset, self.size, *v, g=g) for v in self.views)
+            images = self.images[index[share]]
+            yield tuple(share_view(images, len(index), share, self.dataset, self.size, *v, g=g) for v in self.views)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,6 +683,14 @@ def batched_view(images, dataset, size, blur_p, solarize_p, jitter=JITTER, *, g)
     from generator g; `*view` of a view specification (see ssl_augmentation) fills blur_p, solarize_p, jitter."""
     p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter)
     return apply_view(images, p, dataset, size)
+
+
+def share_view(images, n, rows, dataset, size, blur_p, solarize_p, jitter=JITTER, *, g):
+    """batched_view of the images at `rows` (a slice) of a micro-batch of n images, given only those images: the
+    parameters of all n are drawn from g, so an image's view does not depend on how the micro-batch is shared."""
+    p = view_params(n, images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter)
+    return apply_view(images, {k: tuple(t[rows] for t in v) if isinstance(v, tuple) else v[rows]
+                               for k, v in p.items()}, dataset, size)
 
 
 def eval_view(images, dataset, size):
@@ -1105,12 +1137,191 @@ def encoder_from_checkpoint(ckpt):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Many processes: torchrun + torch.distributed. A plain `python script.py` is one process and none of this runs.
+# Every process holds the whole model and takes its share of each global micro-batch. The global loss is the mean
+# of the processes' losses: per-sample terms are local batch means, batch-wide terms (Eq. 1, Eq. 2) see the rows of
+# all processes through `gather`, whose backward (like every torch.distributed.nn collective) carries each
+# process's gradient back to the process that made the rows. So after backward, the mean of the processes'
+# gradients (`average_gradients`) is the gradient of the global batch, and LARS and the EMA, run on every process
+# from the same gradient, keep the parameters bit-identical across processes.
+# ----------------------------------------------------------------------------------------------------------------
+DIST_TIMEOUT = datetime.timedelta(hours=2)  # others wait while rank 0 runs the k-NN monitor (NCCL default: 10 min)
+
+
+def launched_world_size():
+    """W before joining the process group: the number of processes torchrun started (its WORLD_SIZE); 1 for a
+    plain `python script.py`."""
+    return world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def under_torchrun():
+    return "WORLD_SIZE" in os.environ
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    """Rank 0 alone writes the run folder, metrics.jsonl, checkpoints and progress bars, and evaluates."""
+    return rank() == 0
+
+
+def init_distributed(device_name):
+    """The training device; under torchrun also join the process group (NCCL on CUDA, one GPU per process at
+    LOCAL_RANK; gloo on the CPU). Joins once: a group the caller already set up is kept."""
+    device = resolve_device(device_name)
+    if not under_torchrun():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+    return device
+
+
+def end_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather(x):
+    """The rows of x (B, ...) of every process in rank order, (W * B, ...): the global batch, for the batch-wide
+    terms. Gradients flow back to each process's own rows (torch.distributed.nn's all_gather). x in one process."""
+    if world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x))
+
+
+def average_gradients(params):
+    """Replace each gradient by its mean over the processes: one all_reduce of all gradients flattened together
+    (after the last micro-batch only, so accumulation communicates once per optimizer step)."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads]).div_(world_size())
+    dist.all_reduce(flat)
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view(g.shape))
+
+
+def process_mean(values):
+    """The mean over the processes of a {name: scalar tensor} dict (the logged loss terms), in one all_reduce."""
+    if world_size() == 1 or not values:
+        return values
+    stacked = torch.stack([v.float() for v in values.values()]).to(_collective_device())
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world_size()).to(next(iter(values.values())).device).unbind()))
+
+
+def agreed_signal(signum, sync):
+    """The stop signal every process acts on. One process: its own. Many: the largest any process received,
+    agreed on (one small all_reduce) only where `sync` is true on every process, else None."""
+    if world_size() == 1:
+        return signum
+    if not sync:
+        return None
+    t = torch.tensor([signum or 0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object on every process (e.g. a run folder named after the time)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_model(model):
+    """Rank 0's parameters and buffers on every process, as DistributedDataParallel starts (in place)."""
+    if world_size() > 1:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (e.g. a dataset download), the others after it has finished."""
+    if world_size() > 1 and not is_main():
+        dist.barrier()
+    yield
+    if world_size() > 1 and is_main():
+        dist.barrier()
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch of all processes, what nn.SyncBatchNorm
+    does on CUDA, written out for the devices it does not run on (the CPU, gloo). The sums are added up by
+    torch.distributed.nn's all_reduce, whose backward sums each process's gradient back to every process."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x):
+        if world_size() == 1 or not (self.training or self.running_mean is None):
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // x.shape[1] * world_size()
+        mean = dist_nn.all_reduce(x.sum(dims)) / count
+        var = dist_nn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / count  # biased: normalises the batch
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1), m)  # unbiased, as BatchNorm keeps it
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(model, device):
+    """--sync-bn: every BatchNorm of the model (online and target) normalises over the global batch:
+    nn.SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere. In place, keeping the same parameters and buffers, so
+    state_dict keys and checkpoints stay those of plain BatchNorm."""
+    cls = nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm
+    for parent in list(model.modules()):
+        for name, bn in parent.named_children():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not isinstance(bn, cls):
+                new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+                if bn.affine:
+                    new.weight, new.bias = bn.weight, bn.bias
+                if bn.track_running_stats:
+                    new.running_mean, new.running_var = bn.running_mean, bn.running_var
+                    new.num_batches_tracked = bn.num_batches_tracked
+                setattr(parent, name, new.train(bn.training))
+    return model
+
+
+def check_world(args, world):
+    """Each of W processes takes batch / (W x accum) images per micro-batch: W must divide the micro-batch."""
+    micro = args.batch_size // args.accum_steps
+    if micro % world:
+        raise UserError(f"--batch-size {args.batch_size} over --accum-steps {args.accum_steps} gives micro-batches "
+                        f"of {micro} images, which {world} processes cannot share equally")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------------------------
 def train_step(model, optimizer, loss_fn, micro_batches, accum_steps, device):
     """One optimizer step over `accum_steps` micro-batches (Section 5.1: gradients averaged over N consecutive
     micro-batches before the update). Each micro-batch loss is scaled by 1/N, so the summed gradient is the
-    gradient of the mean loss over the whole batch. Returns the batch-mean of each logged term (on device)."""
+    gradient of the mean loss over the whole batch; under torchrun the gradients are then averaged over the
+    processes (see "Many processes"). Returns this process's batch-mean of each logged term (on device)."""
     totals = {}
     for _ in range(accum_steps):
         x1, x2 = next(micro_batches)
@@ -1119,6 +1330,7 @@ def train_step(model, optimizer, loss_fn, micro_batches, accum_steps, device):
         (loss / accum_steps).backward()
         for name, value in {"loss": loss, **terms}.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / accum_steps
+    average_gradients([p for group in optimizer.param_groups for p in group["params"]])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return totals
@@ -1151,12 +1363,13 @@ class StopSignal:
 def prepare_run_folder(args, method):
     """Create the run folder; refuse to overwrite a checkpoint that is not being resumed."""
     if args.out_dir is None:
-        args.out_dir = str(Path("runs") / f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.out_dir = from_rank0(str(Path("runs") / f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     out = Path(args.out_dir)
     if not args.resume and (out / "last.pt").exists():
         raise UserError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
                         f"or choose another --out-dir")
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -1170,8 +1383,10 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     after_step   (model, step, total_steps) -> {name: float}, called once per optimizer step (e.g. the EMA)
     Returns 0 when training finished, 128 + signal number when it was stopped by a signal (checkpoint saved).
     """
-    device = resolve_device(args.device)
-    data = load_data(args.dataset, args.data_dir, args.eval_split, args.subset)  # fails before anything is written
+    check_world(args, launched_world_size())  # before joining the process group: every process fails alone
+    device = init_distributed(args.device)
+    with rank0_first():  # one download
+        data = load_data(args.dataset, args.data_dir, args.eval_split, args.subset)  # fails before anything is written
     micro = args.batch_size // args.accum_steps
     steps_per_epoch = len(data.pretrain) // args.batch_size
     if steps_per_epoch == 0:
@@ -1181,6 +1396,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     peak_lr = scaled_lr(args.base_lr, args.batch_size)  # Appendix B.2: LR = LR_base * BatchSize / 256
 
     out = prepare_run_folder(args, args.method)
+    if world_size() > 1 and getattr(args, "sync_bn", None) is not False:
+        sync_batchnorm(model, device)
     place(model, device, args.compile)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
     step, start_epoch = 0, 0
@@ -1196,12 +1413,15 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        print(f"# resumed from {args.resume} at epoch {start_epoch}, step {step}")
-    else:
+        if is_main():
+            print(f"# resumed from {args.resume} at epoch {start_epoch}, step {step}")
+    elif is_main():
         print_run(args, objective)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    broadcast_model(model)
 
-    sampler = EpochBatches(len(data.pretrain), micro, steps_per_epoch, args.accum_steps, args.seed)
+    sampler = EpochBatches(len(data.pretrain), micro, steps_per_epoch, args.accum_steps, args.seed, rank(),
+                           world_size())
     on_device = use_device_data(args.augment, args.dataset)
     if on_device:
         loader = DeviceViews(uint8_images(data.pretrain).to(device), sampler, args.dataset, args.image_size, views)
@@ -1211,12 +1431,13 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                             worker_init_fn=_workers_ignore_signals)
     bank_loader, eval_loader = eval_loaders(data, args.dataset, args.image_size, 512, args.workers,
-                                            device if on_device else None)
+                                            device if on_device else None) if is_main() else (None, None)
 
     def checkpoint(epoch):
-        save_atomic({"format": CHECKPOINT_FORMAT, "method": args.method, "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                     "rng": rng_states(device), "args": vars(args), "argv": sys.argv}, out / "last.pt")
+        if is_main():
+            save_atomic({"format": CHECKPOINT_FORMAT, "method": args.method, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                         "rng": rng_states(device), "args": vars(args), "argv": sys.argv}, out / "last.pt")
 
     def check_finite(loss_sum, where):
         if not math.isfinite(loss_sum):
@@ -1224,8 +1445,9 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                             f"checkpoint {out / 'last.pt'} is intact")
 
     def stopped(signum):
-        print(f"stopped by signal {signum} at step {step}; saved {out / 'last.pt'}; continue with --resume {out}",
-              file=sys.stderr)
+        if is_main():
+            print(f"stopped by signal {signum} at step {step}; saved {out / 'last.pt'}; continue with --resume {out}",
+                  file=sys.stderr)
         return 128 + signum
 
     with StopSignal() as stop:
@@ -1235,7 +1457,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
             model.train()
             sums, extra, t0 = {}, {}, time.time()
             bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}",
-                       dynamic_ncols=True, mininterval=1.0, leave=False)
+                       dynamic_ncols=True, mininterval=1.0, leave=False, disable=not is_main())
             batches = iter(loader)
             for _ in range(start_step, steps_per_epoch):
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr)
@@ -1248,24 +1470,27 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                     sums[name] = sums.get(name, 0.0) + value
                 bar.update(1)
                 done = step - epoch * steps_per_epoch - start_step
-                if done % args.log_every == 0 or stop.signum:  # reading the loss synchronises: only now and then
-                    mean = sums["loss"].item() / done
+                signum = agreed_signal(stop.signum, done % args.log_every == 0)
+                if done % args.log_every == 0 or signum:  # reading the loss synchronises: only now and then
+                    mean = process_mean(sums)["loss"].item() / done
                     check_finite(mean, f"at step {step}")
                     speed = done * args.batch_size / (time.time() - t0)
                     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}",
                                     **{k: f"{v:.5f}" for k, v in extra.items()})
-                if stop.signum and step < (epoch + 1) * steps_per_epoch:  # at an epoch's end: finish it first
+                if signum and step < (epoch + 1) * steps_per_epoch:  # at an epoch's end: finish it first
                     bar.close()
                     checkpoint(epoch)
-                    return stopped(stop.signum)
+                    return stopped(signum)
             bar.close()
             seconds = time.time() - t0
             done = steps_per_epoch - start_step
+            sums = process_mean(sums)
             row = {"epoch": epoch + 1, "step": step, **{k: v.item() / done for k, v in sums.items()},
                    "lr": lr, **extra, "seconds": round(seconds, 3),
                    "images_per_s": round(done * args.batch_size / seconds, 1)}
             check_finite(row["loss"], f"in epoch {epoch + 1}")
-            if epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0):
+            evaluate = epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0)
+            if evaluate and is_main():  # the other processes wait in agreed_signal below
                 t1 = time.time()
                 row["knn_top1"] = knn_accuracy(model.encoder, bank_loader, eval_loader, data.num_classes, device,
                                                args.knn_k, args.knn_t)
@@ -1276,11 +1501,14 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                                                        on_device))
                 row["eval_seconds"] = round(time.time() - t1, 3)
             checkpoint(epoch + 1)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-            if stop.signum:
-                return stopped(stop.signum)
-    torch.save(encoder_state(model), out / "encoder.pt")
-    print(f"done: {out / 'last.pt'} (full run), {out / 'encoder.pt'} (torchvision ResNet weights)")
+            if is_main():
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            signum = agreed_signal(stop.signum, True)
+            if signum:
+                return stopped(signum)
+    if is_main():
+        torch.save(encoder_state(model), out / "encoder.pt")
+        print(f"done: {out / 'last.pt'} (full run), {out / 'encoder.pt'} (torchvision ResNet weights)")
     return 0

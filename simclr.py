@@ -127,8 +127,8 @@ def train(args, model=None):
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)
 
     def loss_fn(model, x1, x2):
-        z1, z2 = model(x1, x2)
-        return nt_xent(z1, z2, args.temperature), {}
+        z1, z2 = model(x1, x2)  # under torchrun the negatives are the global micro-batch's, gradients included
+        return nt_xent(common.gather(z1), common.gather(z2), args.temperature), {}
 
     objective = (f"L = NT-Xent(z1, z2; T={args.temperature}) (Eq. 1) = mean over 2B anchors of "
                  f"-log exp(s_pos/T) / sum_(k != anchor) exp(s_k/T), s = cosine similarity, 2B-2 negatives")

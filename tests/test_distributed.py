@@ -1,0 +1,259 @@
+"""Many processes (torchrun + torch.distributed), on the CPU with gloo and two processes: the global-batch maths,
+a 2-process run equal to the 1-process run with the same global batch, a stop signal on one process, resuming
+with another number of processes, torchrun end to end, and the bad input."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import byol
+import byol_mhe
+import byol_uniformity
+import common
+import simclr
+from conftest import RUNNER, ROOT, TinyEncoder
+
+WORLD = 2
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, fn, args):
+    """One of WORLD processes, with the environment torchrun gives its workers."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    import torchvision.datasets.cifar
+    torchvision.datasets.cifar.check_integrity = lambda *a, **k: True  # our tiny CIFAR files have other MD5s
+    try:
+        fn(rank, *args)
+    finally:
+        common.end_distributed()
+
+
+def spawn(fn, *args):
+    """fn(rank, *args) in WORLD fresh processes (a free port for each call); raises what any of them raised."""
+    mp.start_processes(_worker, args=(free_port(), fn, args), nprocs=WORLD, start_method="spawn")
+
+
+# --- the global-batch maths: gathered Eq. 1 / Eq. 2 and BatchNorm over all processes ------------------------------
+def _global_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g), torch.randn(8, 4, 3, 3, generator=g)
+
+
+def _losses(x1, x2, images, lin, bn, gathered):
+    """Eq. 2 on one view, Eq. 1 on both and a per-sample loss after BatchNorm, on rows (per process) x1, x2."""
+    z1, z2 = lin(x1), lin(x2)
+    g = common.gather if gathered else (lambda z: z)
+    uni = common.uniformity_loss(g(z1), 2.0)
+    nce = simclr.nt_xent(g(z1), g(z2), 0.5)
+    weights = torch.linspace(-1, 1, 4 * 9).view(1, 4, 3, 3)
+    per_sample = (bn(images) * weights).flatten(1).sum(1).pow(2).mean()
+    return uni, nce, per_sample
+
+
+def _gathered_maths(rank, out):
+    common.init_distributed("cpu")
+    x1, x2, images = (t.chunk(WORLD)[rank].clone().requires_grad_() for t in _global_batch())
+    torch.manual_seed(0)
+    lin, bn = nn.Linear(5, 3), common.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), torch.device("cpu"))
+    assert isinstance(bn[0], common.GlobalBatchNorm)
+    uni, nce, per_sample = _losses(x1, x2, images, lin, bn, gathered=True)
+    (uni + nce + per_sample).backward()
+    params = list(lin.parameters()) + list(bn.parameters())
+    common.average_gradients(params)
+    torch.save({"uni": uni.detach(), "nce": nce.detach(), "per_sample": per_sample.detach(),
+                "param_grads": [p.grad for p in params], "row_grads": [x1.grad, x2.grad, images.grad],
+                "bn_state": bn.state_dict()}, out / f"maths{rank}.pt")
+
+
+def test_gathered_terms_and_global_batchnorm_equal_the_concatenated_batch(two_processes):
+    """Each process computes the global Eq. 1 / Eq. 2 on gathered rows and the mean of its per-sample losses;
+    averaging the parameter gradients over the processes then gives the 1-process gradient of the concatenated
+    batch, and each process's rows receive W times their share (divided away by that average)."""
+    x1, x2, images = (t.clone().requires_grad_() for t in _global_batch())
+    torch.manual_seed(0)
+    lin, bn = nn.Linear(5, 3), nn.Sequential(nn.BatchNorm2d(4))
+    uni, nce, per_sample = _losses(x1, x2, images, lin, bn, gathered=False)
+    (uni + nce + per_sample).backward()
+    params = list(lin.parameters()) + list(bn.parameters())
+    results = [torch.load(two_processes / f"maths{r}.pt") for r in range(WORLD)]
+    for r, res in enumerate(results):
+        assert torch.allclose(res["uni"], uni, atol=1e-6) and torch.allclose(res["nce"], nce, atol=1e-6)
+        for got, want in zip(res["param_grads"], params):
+            assert torch.allclose(got, want.grad, atol=1e-5), (got, want.grad)
+        for got, want in zip(res["row_grads"], (x1, x2, images)):
+            assert torch.allclose(got / WORLD, want.grad.chunk(WORLD)[r], atol=1e-6)
+        for (name, got), want in zip(res["bn_state"].items(), bn.state_dict().values()):
+            assert torch.allclose(got.float(), want.float(), atol=1e-6), name   # running statistics
+    per_sample_global = sum(res["per_sample"] for res in results) / WORLD  # the global loss: mean over processes
+    assert torch.allclose(per_sample_global, per_sample, atol=1e-5)
+
+
+# --- training: W = 2 equals W = 1, parameter for parameter ------------------------------------------------------
+def _argv(cifar_dir, out_dir, *extra):
+    """One epoch of 5 steps of 10 images on the tiny CIFAR-10; a large LR so that the parameters move visibly."""
+    return ["--data-dir", str(cifar_dir), "--batch-size", "10", "--epochs", "1", "--workers", "0",
+            "--proj-dim", "8", "--base-lr", "20", "--warmup-epochs", "0", "--knn-every", "0",
+            "--analysis-samples", "0", "--log-every", "1", "--out-dir", str(out_dir), *extra]
+
+
+def _byol_model(batchnorm):
+    torch.manual_seed(0)
+    return byol.BYOL(TinyEncoder(16, bn=batchnorm), 16, hidden_dim=32, proj_dim=8, batchnorm=batchnorm)
+
+
+def _run(method, cifar_dir, out_dir, *extra, extra_terms=None):
+    """Train one of the methods with a TinyEncoder; returns (exit status, model)."""
+    argv = _argv(cifar_dir, out_dir, *extra)
+    batchnorm = "--no-batchnorm" not in extra
+    if method == "simclr":
+        torch.manual_seed(0)
+        model = simclr.SimCLR(TinyEncoder(16, bn=batchnorm), 16, 8, batchnorm)
+        return simclr.train(simclr.parse_args(argv), model), model
+    module = {"byol": byol, "byol_uniformity": byol_uniformity, "byol_mhe": byol_mhe}[method]
+    parser = module.build_parser() if method != "byol" else None
+    args = byol.parse_args(argv, parser, method)
+    if method == "byol_uniformity":
+        extra_terms = byol_uniformity.uniformity_term(args)
+    if method == "byol_mhe":
+        args.mhe_weight = 10.0
+        extra_terms = byol_mhe.mhe_term(args)
+    model = _byol_model(batchnorm)
+    return byol.train(args, model, extra_terms=extra_terms), model
+
+
+RUNS = {  # name: (method, flags)
+    "byol": ("byol", ["--no-batchnorm"]),
+    "byol_uniformity": ("byol_uniformity", ["--no-batchnorm"]),
+    "byol_mhe": ("byol_mhe", ["--no-batchnorm", "--mhe-on", "encoder,projector,predictor"]),
+    "simclr": ("simclr", ["--no-batchnorm"]),
+    # BatchNorm everywhere, --sync-bn on by default under torchrun; with accumulation: micro-batches of 5 + 5
+    "byol_sync_bn": ("byol", ["--batch-size", "20", "--accum-steps", "2"]),
+    "simclr_sync_bn": ("simclr", ["--sync-bn"]),
+}
+
+
+def signal_at(loss_call, signum=signal.SIGTERM):
+    """An extra term that sends this process `signum` during the given micro-batch (cluster pre-emption)."""
+    count = {"n": 0}
+
+    def extra(model, out):
+        count["n"] += 1
+        if count["n"] == loss_call:
+            os.kill(os.getpid(), signum)
+        return {}
+    return extra
+
+
+def _two_processes(rank, cifar_dir, out):
+    """Everything the tests below compare, in one start of WORLD processes (each start costs seconds)."""
+    _gathered_maths(rank, out)
+    for name, (method, flags) in RUNS.items():
+        status, model = _run(method, cifar_dir, out / name, *flags)
+        assert status == 0
+        torch.save(model.state_dict(), out / f"{name}.rank{rank}.pt")
+    # SIGTERM on rank 1 only, during its 3rd step: both stop after step 3 (--log-every 1), one checkpoint
+    status, _ = _run("byol", cifar_dir, out / "stopped", "--no-batchnorm",
+                     extra_terms=signal_at(3) if rank == 1 else None)
+    (out / f"stopped.rank{rank}").write_text(str(status))
+
+
+@pytest.fixture(scope="module")
+def two_processes(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_processes")
+    spawn(_two_processes, cifar_dir, out)
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, name):
+    method, flags = RUNS[name]
+    status, model = _run(method, cifar_dir, tmp_path / "one", *[f for f in flags if f != "--sync-bn"])
+    assert status == 0
+    ranks = [torch.load(two_processes / f"{name}.rank{r}.pt") for r in range(WORLD)]
+    one = model.state_dict()
+    assert list(ranks[0]) == list(one)                       # same state_dict keys: checkpoints interchangeable
+    moved = False
+    for key, want in one.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # LARS and the EMA keep the processes identical
+        assert torch.allclose(ranks[0][key].float(), want.float(), rtol=1e-4, atol=1e-5), key
+        moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-4)
+    assert moved
+    rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
+    want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["step"] == want_rows[0]["step"]
+    for key in ("loss", "byol", "uniformity", "mhe"):            # logged terms: the global batch's
+        if key in want_rows[0]:
+            assert rows[0][key] == pytest.approx(want_rows[0][key], rel=1e-4, abs=1e-6), key
+
+
+def _initial(method, flags):
+    if method == "simclr":
+        torch.manual_seed(0)
+        return simclr.SimCLR(TinyEncoder(16, bn="--no-batchnorm" not in flags), 16, 8,
+                             "--no-batchnorm" not in flags).state_dict()
+    return _byol_model("--no-batchnorm" not in flags).state_dict()
+
+
+def test_signal_on_one_process_stops_all_and_resumes_with_one(two_processes, cifar_dir, tmp_path, no_md5):
+    out = two_processes / "stopped"
+    assert [(two_processes / f"stopped.rank{r}").read_text() for r in range(WORLD)] == [str(128 + 15)] * WORLD
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]   # rank 0's checkpoint only
+    assert common.load_checkpoint(out / "last.pt")["step"] == 3
+    resumed = _byol_model(False)
+    args = byol.parse_args(["--resume", str(out), "--workers", "0"])          # W' = 1: a plain process
+    assert byol.train(args, resumed) == 0
+    status, full = _run("byol", cifar_dir, tmp_path / "full", "--no-batchnorm")
+    for (key, want), got in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), key
+
+
+# --- as a user runs it ------------------------------------------------------------------------------------------
+def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "--no-python", sys.executable, "-c", RUNNER, str(ROOT / "byol.py"), "--device", "cpu",
+           "--data-dir", str(cifar_dir), "--subset", "16", "--batch-size", "8", "--epochs", "1", "--workers", "0",
+           "--hidden-dim", "64", "--proj-dim", "32", "--analysis-samples", "8", "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("objective: L = L_BYOL") == 1 and proc.stdout.count("done: ") == 1  # rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "encoder.pt", "last.pt", "metrics.jsonl"]
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["step"] == 2 and 0 <= rows[0]["knn_top1"] <= 100
+    ckpt = common.load_checkpoint(out)
+    assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["sync_bn"] is None
+    assert not any("module." in k for k in ckpt["model"])
+
+
+@pytest.mark.parametrize("env,flags,text", [
+    ({"WORLD_SIZE": "3", "RANK": "0"}, ["--batch-size", "16"], "3 processes cannot share equally"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, ["--batch-size", "16", "--accum-steps", "16"], "2 processes cannot share"),
+    ({}, ["--sync-bn"], "--sync-bn needs torchrun"),
+])
+def test_bad_distributed_input(cifar_dir, tmp_path, monkeypatch, capsys, env, flags, text):
+    """Through common.cli in this process, as the scripts run main(); the checks come before joining the process
+    group (which would wait for the other processes torchrun's variables promise)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exit:
+        common.cli(lambda: byol.main(["--data-dir", str(cifar_dir), "--workers", "0", "--out-dir",
+                                      str(tmp_path / "run"), *flags]))
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and text in err, err
+    assert not (tmp_path / "run").exists()

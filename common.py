@@ -150,7 +150,12 @@ def base_parser():
     g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps (under "
                    "torchrun also how often the processes agree on a stop signal)")
 
-    g = p.add_argument_group("many GPUs (torchrun; see README 'Many GPUs')")
+    g = p.add_argument_group("many GPUs (torchrun --nproc_per_node W script.py ...; README 'Many GPUs')", """\
+  --batch-size is the global batch: each of W processes takes batch/(W x accum-steps) images per micro-batch,
+  and the views of an image do not depend on W. Gradients are averaged over the processes: LR, schedules, EMA and
+  LARS are those of the global batch. SimCLR's negatives and the uniformity pairs are gathered from all processes
+  (with gradients). Rank 0 alone writes the run folder and evaluates. SIGTERM on any process stops all after the
+  same step, with one checkpoint. --resume works with another W that divides the micro-batch.""")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="every BatchNorm normalises over the global micro-batch of all processes, as BYOL's "
                         "cross-replica BatchNorm and SimCLR's global BN (the paper is silent; it follows BYOL). "

@@ -138,7 +138,8 @@ def _run(method, cifar_dir, out_dir, *extra, extra_terms=None):
 RUNS = {  # name: (method, flags)
     "byol": ("byol", ["--no-batchnorm"]),
     "byol_uniformity": ("byol_uniformity", ["--no-batchnorm"]),
-    "byol_mhe": ("byol_mhe", ["--no-batchnorm", "--mhe-on", "encoder,projector,predictor"]),
+    "byol_mhe": ("byol_mhe", ["--no-batchnorm", "--mhe-on", "encoder,projector,predictor",
+                              "--augment", "per-image"]),   # DataLoader path: each process loads its part
     "simclr": ("simclr", ["--no-batchnorm"]),
     # BatchNorm everywhere, --sync-bn on by default under torchrun; with accumulation: micro-batches of 5 + 5
     "byol_sync_bn": ("byol", ["--batch-size", "20", "--accum-steps", "2"]),

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torchvision.datasets.cifar
 
 import byol
 import byol_mhe
@@ -34,7 +35,6 @@ def _worker(rank, port, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    import torchvision.datasets.cifar
     torchvision.datasets.cifar.check_integrity = lambda *a, **k: True  # our tiny CIFAR files have other MD5s
     try:
         fn(rank, *args)
@@ -170,11 +170,18 @@ def _two_processes(rank, cifar_dir, out):
     status, _ = _run("byol", cifar_dir, out / "stopped", "--no-batchnorm",
                      extra_terms=signal_at(3) if rank == 1 else None)
     (out / f"stopped.rank{rank}").write_text(str(status))
+    # the reverse: a 1-process run stopped by the test process, resumed here by two
+    model = _byol_model(False)
+    assert byol.train(byol.parse_args(["--resume", str(out / "one_stopped"), "--workers", "0"]), model) == 0
+    torch.save(model.state_dict(), out / f"resumed.rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_processes(cifar_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes")
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+        assert _run("byol", cifar_dir, out / "one_stopped", "--no-batchnorm", extra_terms=signal_at(2))[0] == 143
     spawn(_two_processes, cifar_dir, out)
     return out
 
@@ -210,6 +217,7 @@ def _initial(method, flags):
 
 
 def test_signal_on_one_process_stops_all_and_resumes_with_one(two_processes, cifar_dir, tmp_path, no_md5):
+    """SIGTERM on rank 1 only; then W = 2 -> W' = 1, and W = 1 -> W' = 2 (resumed in the fixture)."""
     out = two_processes / "stopped"
     assert [(two_processes / f"stopped.rank{r}").read_text() for r in range(WORLD)] == [str(128 + 15)] * WORLD
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]   # rank 0's checkpoint only
@@ -218,8 +226,10 @@ def test_signal_on_one_process_stops_all_and_resumes_with_one(two_processes, cif
     args = byol.parse_args(["--resume", str(out), "--workers", "0"])          # W' = 1: a plain process
     assert byol.train(args, resumed) == 0
     status, full = _run("byol", cifar_dir, tmp_path / "full", "--no-batchnorm")
-    for (key, want), got in zip(full.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), key
+    more = [torch.load(two_processes / f"resumed.rank{r}.pt") for r in range(WORLD)]
+    for key, want in full.state_dict().items():
+        for got in (resumed.state_dict()[key], *(m[key] for m in more)):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), key
 
 
 # --- as a user runs it ------------------------------------------------------------------------------------------

@@ -421,11 +421,11 @@ def labels_of(ds):
 
 
 class DeviceViews:
-    """Both views of each micro-batch, made by batched_view from the whole uint8 split held on the device: no
-    DataLoader, no host-to-device copy per step. Same order as EpochBatches; each micro-batch's augmentations come
-    from a generator seeded by (seed, epoch, position), so a resumed run sees the same views. Under torchrun every
-    process draws the parameters of the whole global micro-batch and makes the views of its share only, so the
-    views of an image do not depend on the number of processes."""
+    """Both views of each micro-batch, made as batched_view does (view_params, apply_view) from the whole uint8
+    split held on the device: no DataLoader, no host-to-device copy per step. Same order as EpochBatches; each
+    micro-batch's augmentations come from a generator seeded by (seed, epoch, position), so a resumed run sees the
+    same views. Under torchrun every process draws the parameters of the whole global micro-batch and makes the
+    views of its share only, so the views of an image do not depend on the number of processes."""
 
     def __init__(self, images, sampler, dataset, size, views):
         self.images, self.sampler, self.dataset, self.size, self.views = images, sampler, dataset, size, views
@@ -1186,7 +1186,8 @@ def init_distributed(device_name):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT, device_id=device if cuda else None)
     return device
 
 

@@ -1183,7 +1183,11 @@ def init_distributed(device_name):
     if not under_torchrun():
         return device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise UserError(f"process {local} of this machine has no GPU ({torch.cuda.device_count()} visible): "
+                            f"start at most that many with torchrun --nproc_per_node")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         cuda = device.type == "cuda"
@@ -1402,7 +1406,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     peak_lr = scaled_lr(args.base_lr, args.batch_size)  # Appendix B.2: LR = LR_base * BatchSize / 256
 
     out = prepare_run_folder(args, args.method)
-    if world_size() > 1 and getattr(args, "sync_bn", None) is not False:
+    synced = world_size() > 1 and getattr(args, "sync_bn", None) is not False
+    if synced:
         sync_batchnorm(model, device)
     place(model, device, args.compile)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
@@ -1425,6 +1430,9 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
         print_run(args, objective)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
     broadcast_model(model)
+    if world_size() > 1 and is_main():
+        print(f"# {world_size()} processes ({dist.get_backend()}): {micro // world_size()} images each per "
+              f"micro-batch, BatchNorm over {'all processes (--sync-bn)' if synced else 'each process'}")
 
     sampler = EpochBatches(len(data.pretrain), micro, steps_per_epoch, args.accum_steps, args.seed, rank(),
                            world_size())

@@ -243,6 +243,7 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("objective: L = L_BYOL") == 1 and proc.stdout.count("done: ") == 1  # rank 0 only
+    assert "# 2 processes (gloo): 4 images each per micro-batch, BatchNorm over all processes" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "encoder.pt", "last.pt", "metrics.jsonl"]
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["step"] == 2 and 0 <= rows[0]["knn_top1"] <= 100

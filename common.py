@@ -421,8 +421,8 @@ def labels_of(ds):
 
 
 class DeviceViews:
-    """Both views of each micro-batch, made as batched_view does (view_params, apply_view) from the whole uint8
-    split held on the device: no DataLoader, no host-to-device copy per step. Same order as EpochBatches; each
+    """Both views of each micro-batch, made by share_view (batched_view of this process's share) from the whole
+    uint8 split held on the device: no DataLoader, no host-to-device copy per step. Same order as EpochBatches; each
     micro-batch's augmentations come from a generator seeded by (seed, epoch, position), so a resumed run sees the
     same views. Under torchrun every process draws the parameters of the whole global micro-batch and makes the
     views of its share only, so the views of an image do not depend on the number of processes."""

@@ -194,11 +194,15 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
     ranks = [torch.load(two_processes / f"{name}.rank{r}.pt") for r in range(WORLD)]
     one = model.state_dict()
     assert list(ranks[0]) == list(one)                       # same state_dict keys: checkpoints interchangeable
+    # With BatchNorm, a bias that feeds a BatchNorm (the TinyEncoder's conv biases) has a zero gradient in exact
+    # arithmetic: only float noise, amplified by 1/sigma of these tiny batches, moves it (~1e-5 .. 1e-4 here),
+    # differently in one process and two. Every other parameter moves by 0.1 or more in these 5 steps.
+    atol = 1e-5 if "--no-batchnorm" in flags else 5e-4
     moved = False
     for key, want in one.items():
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # LARS and the EMA keep the processes identical
-        assert torch.allclose(ranks[0][key].float(), want.float(), rtol=1e-4, atol=1e-5), key
-        moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-4)
+        assert torch.allclose(ranks[0][key].float(), want.float(), rtol=1e-4, atol=atol), key
+        moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-2)
     assert moved
     rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
     want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]

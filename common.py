@@ -220,10 +220,13 @@ def parse_args(parser, argv, presets, method):
             raise UserError(f"{path} is a {saved.get('method')} run; resume it with {saved.get('method')}.py")
         keep = {k: getattr(args, k) for k in ("device", "workers", "data_dir", "sync_bn")
                 if getattr(args, k) != parser.get_default(k)}  # only what was given on this command line
-        return argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
-    args.method = method
-    apply_presets(args, presets)
-    check_args(args)
+        args = argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+    else:
+        args.method = method
+        apply_presets(args, presets)
+        check_args(args)
+    if getattr(args, "sync_bn", None):
+        args.sync_bn = None  # --sync-bn is the default where it is allowed (torchrun): saved as the default
     return args
 
 

@@ -204,6 +204,7 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
         assert torch.allclose(ranks[0][key].float(), want.float(), rtol=1e-4, atol=atol), key
         moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-2)
     assert moved
+    assert json.loads((two_processes / name / "args.json").read_text())["sync_bn"] is None  # --sync-bn: the default
     rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
     want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["step"] == want_rows[0]["step"]
@@ -273,3 +274,12 @@ def test_bad_distributed_input(cifar_dir, tmp_path, monkeypatch, capsys, env, fl
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1 and text in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_results_tables_take_torchrun_runs_with_global_batchnorm():
+    """args.json of a torchrun run holds sync_bn None (also after --sync-bn) or False; results.py matches the first
+    to the paper's rows and keeps a --no-sync-bn run apart."""
+    import results
+    preset = results.preset_args("byol", "cifar10", 300)
+    assert preset["sync_bn"] is None and results.settings(dict(preset)) == ()
+    assert results.settings({**preset, "sync_bn": False}) == (("sync_bn", False),)

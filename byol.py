@@ -130,18 +130,21 @@ def build_model(args, encoder=None, feature_dim=None):
     return BYOL(encoder, feature_dim, args.hidden_dim, args.proj_dim, args.batchnorm)
 
 
+def ema_step(args):
+    """common.pretrain's after_step: the EMA moves once per optimizer step, never per micro-batch."""
+    def after_step(model, step, total_steps):
+        tau = common.ema_tau(step, total_steps, args.tau_base)
+        model.update_target(tau)
+        return {"tau": tau}
+    return after_step
+
+
 def train(args, model=None, extra_terms=None, objective=OBJECTIVE):
     """Pre-train BYOL (plus the variants' `extra_terms`); returns common.pretrain's exit status."""
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
-
-    def after_step(model, step, total_steps):  # the EMA moves once per optimizer step, never per micro-batch
-        tau = common.ema_tau(step, total_steps, args.tau_base)
-        model.update_target(tau)
-        return {"tau": tau}
-
     return common.pretrain(args, model, lambda m, x1, x2: loss_terms(m, x1, x2, extra_terms),
-                           views=VIEWS, after_step=after_step, objective=objective)
+                           views=VIEWS, after_step=ema_step(args), objective=objective)
 
 
 def parse_args(argv=None, parser=None, method="byol"):

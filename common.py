@@ -6,7 +6,7 @@ Durrant & Leontidis, "Hyperspherically Regularized Networks for Self-Supervision
 Sections, in the order the paper introduces them:
   errors and the command line    one-line errors, the shared flags, presets keyed by (dataset, epochs)
   data                           Appendix B.3/B.4: datasets and the fixed held-out validation splits
-  augmentations                  Appendix B.5: the two views per image (torchvision), evaluation transforms
+  augmentations                  Appendix B.5: the views of each image (torchvision), evaluation transforms
   batched augmentations          Appendix B.5 for a whole uint8 batch on its device, parameters drawn per image
   model                          Appendix B.1 / Section 3.6: ResNet encoder with the CIFAR stem, the MLP head
   optimisation                   Appendix B.2: LARS, LR warm-up + cosine, EMA schedule tau
@@ -100,7 +100,7 @@ def base_parser():
                         "for tuning); test: the official test split (for reporting)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
     g.add_argument("--augment", default="auto", choices=("auto", "batched", "per-image"),
-                   help="batched: the uint8 split lives on the training device and both views of a batch are made "
+                   help="batched: the uint8 split lives on the training device and the views of a batch are made "
                         "there, parameters drawn per image (cifar10/cifar100/stl10 only); per-image: torchvision "
                         "transforms in DataLoader workers; auto: batched where possible")
     g.add_argument("--subset", type=int, default=None, metavar="N",
@@ -344,12 +344,13 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
-class TwoViews(Dataset):
-    """Both views of one image. Indexed by (index, seed): the augmentations of a sample are a pure function of its
-    seed, so a run resumed in the middle of an epoch sees exactly the views of the uninterrupted run."""
+class Views(Dataset):
+    """The views of one image, one per transform (two for most methods). Indexed by (index, seed): the
+    augmentations of a sample are a pure function of its seed, so a run resumed in the middle of an epoch sees
+    exactly the views of the uninterrupted run."""
 
-    def __init__(self, base, view1, view2):
-        self.base, self.view1, self.view2 = base, view1, view2
+    def __init__(self, base, *transforms):
+        self.base, self.transforms = base, transforms
 
     def __len__(self):
         return len(self.base)
@@ -359,7 +360,7 @@ class TwoViews(Dataset):
         image = self.base[index][0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.view1(image), self.view2(image)
+            return tuple(view(image) for view in self.transforms)
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -424,11 +425,12 @@ def labels_of(ds):
 
 
 class DeviceViews:
-    """Both views of each micro-batch, made by share_view (batched_view of this process's share) from the whole
-    uint8 split held on the device: no DataLoader, no host-to-device copy per step. Same order as EpochBatches; each
-    micro-batch's augmentations come from a generator seeded by (seed, epoch, position), so a resumed run sees the
-    same views. Under torchrun every process draws the parameters of the whole global micro-batch and makes the
-    views of its share only, so the views of an image do not depend on the number of processes."""
+    """The views of each micro-batch (one per entry of `views`), made by share_view (batched_view of this process's
+    share) from the whole uint8 split held on the device: no DataLoader, no host-to-device copy per step. Same order
+    as EpochBatches; each micro-batch's augmentations come from a generator seeded by (seed, epoch, position), so a
+    resumed run sees the same views. Under torchrun every process draws the parameters of the whole global
+    micro-batch and makes the views of its share only, so the views of an image do not depend on the number of
+    processes."""
 
     def __init__(self, images, sampler, dataset, size, views):
         self.images, self.sampler, self.dataset, self.size, self.views = images, sampler, dataset, size, views
@@ -497,7 +499,7 @@ def probe_transform(dataset, image_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batched augmentations: both views of a whole uint8 batch on its device, every random parameter drawn per sample
+# Batched augmentations: the views of a whole uint8 batch on its device, every random parameter drawn per sample
 # from the same distributions as the per-image pipeline above (torchvision.transforms.v2 applied to a batch would
 # draw one set of parameters for the whole batch). Images are floats in [0, 1] until the final normalisation.
 # ----------------------------------------------------------------------------------------------------------------
@@ -996,16 +998,17 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
     energy of each ResNet block's globally pooled output over the images (Fig. 4: "the output of each ResNet
     block"), named by the block's torchvision module path (eval_energy_layer1.0, ...).
 
-    The views are the same at every evaluation. on_device: the images (of an in-memory dataset) are transformed
-    on the device by eval_view and batched_view; otherwise per image by PIL in DataLoader workers."""
-    encoder = model.encoder
+    The views are the same at every evaluation; alignment is between the first two of `views` (a multi-view
+    method's first pair). on_device: the images (of an in-memory dataset) are transformed on the device by eval_view
+    and batched_view; otherwise per image by PIL in DataLoader workers."""
+    encoder, views = model.encoder, views[:2]
     clean = (x for x, _ in eval_batches(images, dataset, image_size, 256, workers, device if on_device else None))
     if on_device:
         g = torch.Generator(device).manual_seed(0)
         pairs = (tuple(batched_view(x, dataset, image_size, *v, g=g) for v in views)
                  for x in uint8_images(images).to(device).split(256))
     else:
-        pairs = DataLoader(TwoViews(images, *(ssl_augmentation(dataset, image_size, *v) for v in views)),
+        pairs = DataLoader(Views(images, *(ssl_augmentation(dataset, image_size, *v) for v in views)),
                            sampler=[(i, i) for i in range(len(images))],  # seed i for image i
                            batch_size=256, num_workers=workers, worker_init_fn=_workers_ignore_signals)
 
@@ -1337,9 +1340,9 @@ def train_step(model, optimizer, loss_fn, micro_batches, accum_steps, device):
     processes (see "Many processes"). Returns this process's batch-mean of each logged term (on device)."""
     totals = {}
     for _ in range(accum_steps):
-        x1, x2 = next(micro_batches)
+        views = next(micro_batches)  # (x1, x2) for most methods, (x1, ..., xM) for multi-view ones
         with autocast(device):
-            loss, terms = loss_fn(model, to_device(x1, device), to_device(x2, device))
+            loss, terms = loss_fn(model, *(to_device(x, device) for x in views))
         (loss / accum_steps).backward()
         for name, value in {"loss": loss, **terms}.items():
             totals[name] = totals.get(name, 0.0) + value.detach().float() / accum_steps
@@ -1390,9 +1393,11 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     """The self-supervised training loop shared by every method.
 
     model        nn.Module with an online encoder at `model.encoder` (the one evaluated and exported)
-    loss_fn      (model, x1, x2) -> (loss, {name: scalar tensor}); the loss and each named term are logged
-    views        ((blur_p, solarize_p[, jitter]) of view 1, of view 2): Appendix B.5 augmentation probabilities and,
-                 optionally, the colour jitter (default JITTER, BYOL's)
+    loss_fn      (model, x1, x2) -> (loss, {name: scalar tensor}); the loss and each named term are logged;
+                 with M views, (model, x1, ..., xM)
+    views        ((blur_p, solarize_p[, jitter]) of view 1, of view 2, ...): Appendix B.5 augmentation
+                 probabilities and, optionally, the colour jitter (default JITTER, BYOL's); one entry per view made
+                 of each image (two for every method of the paper)
     after_step   (model, step, total_steps) -> {name: float}, called once per optimizer step (e.g. the EMA)
     Returns 0 when training finished, 128 + signal number when it was stopped by a signal (checkpoint saved).
     """
@@ -1443,7 +1448,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     if on_device:
         loader = DeviceViews(uint8_images(data.pretrain).to(device), sampler, args.dataset, args.image_size, views)
     else:
-        train_set = TwoViews(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
+        train_set = Views(data.pretrain, *(ssl_augmentation(args.dataset, args.image_size, *v) for v in views))
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=args.workers,
                             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
                             worker_init_fn=_workers_ignore_signals)

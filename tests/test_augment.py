@@ -100,11 +100,15 @@ def test_eval_transforms():
     assert inet.transforms[0].size == 256 and inet.transforms[1].size == (224, 224)
 
 
-def test_two_views_are_a_pure_function_of_the_seed():
-    ds = common.TwoViews([(random_image(32), 0)], common.ssl_augmentation("cifar10", 32, 1.0, 0.0),
-                         common.ssl_augmentation("cifar10", 32, 0.1, 0.2))
+def test_views_are_a_pure_function_of_the_seed():
+    views = (common.ssl_augmentation("cifar10", 32, 1.0, 0.0), common.ssl_augmentation("cifar10", 32, 0.1, 0.2))
+    image = [(random_image(32), 0)]
+    ds = common.Views(image, *views)
     a1, a2 = ds[(0, 123)]
     torch.rand(5)  # global RNG state must not matter
     b1, b2 = ds[(0, 123)]
     c1, _ = ds[(0, 124)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, c1)
+    # M views: the first two are those of the two-view dataset (M = 2 changes nothing), the others new draws
+    m1, m2, m3, m4 = common.Views(image, *views, *views)[(0, 123)]
+    assert torch.equal(m1, a1) and torch.equal(m2, a2) and not torch.equal(m3, a1) and not torch.equal(m4, a2)

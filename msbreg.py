@@ -1,0 +1,192 @@
+"""MSBReg (Moon, Buracas, Park, Kim, Canny, "An Embedding-Dynamic Approach to Self-supervised Learning", arXiv
+2207.03552, 2022): BYOL with more than two views of each image and three forces on the embeddings, read as point
+particles: an attractive force between the views of an image (multiview centroid loss), a global dispersive force
+(singular value loss) and a local dispersive force (Brownian diffusive loss).
+
+    python msbreg.py --dataset cifar10                  # M = 4 views, lambda_S = lambda_B = 1 (our defaults)
+    python msbreg.py --dataset cifar10 --views 2 --sv-weight 0 --brownian-weight 0   # byol.py (float rounding)
+
+A RECONSTRUCTION. No official code is public and only the paper's abstract and introduction could be read, so
+each formula below is our reading of a sentence of the paper, and M and the two weights are our untuned choices
+(each a flag). The model, EMA target, presets and training are byol.py's; this file adds the M views, the three
+loss terms and their flags. With M = 2 and both weights 0 the objective is BYOL's.
+"""
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import byol
+import common
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyperparameters: byol.PRESETS (Appendix B.2 of Durrant & Leontidis) for everything BYOL has. The paper's M and
+# weights could not be read: these three are ours, untuned.
+# ----------------------------------------------------------------------------------------------------------------
+VIEWS = 4               # ours: M, "more than two views"; the issue's default, twice BYOL's compute per image
+SV_WEIGHT = 1.0         # ours: lambda_S, unit weight
+BROWNIAN_WEIGHT = 1.0   # ours: lambda_B, unit weight
+
+
+def view_specs(m):
+    """The augmentation of each of the M views: BYOL's two asymmetric settings (byol.VIEWS: blur 1.0 / no
+    solarisation, blur 0.1 / solarisation 0.2) alternate, so M = 2 is BYOL's pair. Ours: the paper says only that
+    it uses more than two views."""
+    return tuple(byol.VIEWS[i % 2] for i in range(m))
+
+
+def build_parser():
+    p = byol.build_parser(__doc__)
+    g = p.add_argument_group("MSBReg (Moon et al., 2022; our reconstruction, defaults ours)")
+    g.add_argument("--views", type=int, default=VIEWS,
+                   help="M, views of each image (at least 2), alternating between BYOL's two augmentation settings; "
+                        "ours: the paper's M could not be read")
+    g.add_argument("--sv-weight", type=float, default=SV_WEIGHT,
+                   help="lambda_S of the singular value loss (ours, untuned)")
+    g.add_argument("--brownian-weight", type=float, default=BROWNIAN_WEIGHT,
+                   help="lambda_B of the Brownian diffusive loss (ours, untuned)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: byol.BYOL's networks on M views
+# ----------------------------------------------------------------------------------------------------------------
+class MSBReg(byol.BYOL):
+    """BYOL's networks (online f_theta, g_theta, q_theta; EMA target f_xi, g_xi), applied to M views. It also counts
+    the Brownian noise draws so far; the count is saved with the weights (nn.Module extra state), so a resumed run
+    continues the same noise sequence."""
+
+    def __init__(self, encoder, feature_dim, hidden_dim=4096, proj_dim=256, batchnorm=True):
+        super().__init__(encoder, feature_dim, hidden_dim, proj_dim, batchnorm)
+        self.noise_draws = 0
+
+    def forward(self, *views):
+        """Views x_1..x_M (B, 3, H, W) -> online projections z, predictions p and target projections t, each
+        (M, B, proj_dim). Each view is a separate forward pass, so BatchNorm statistics are per view, as in BYOL."""
+        z = [self.projector(self.encoder(x)) for x in views]
+        p = [self.predictor(z_m) for z_m in z]
+        with torch.no_grad():
+            t = [self.target_projector(self.target_encoder(x)) for x in views]
+        return torch.stack(z), torch.stack(p), torch.stack(t)
+
+    def noise_generator(self, seed, device):
+        """The generator of the next micro-batch's Brownian noise, seeded by (seed, number of earlier draws)."""
+        g = torch.Generator(device).manual_seed((seed * 1_000_003 + self.noise_draws) % 2**63)
+        self.noise_draws += 1
+        return g
+
+    def get_extra_state(self):
+        return {"noise_draws": self.noise_draws}
+
+    def set_extra_state(self, state):
+        self.noise_draws = state["noise_draws"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss: the three forces. B images, M views; n(x) = x / ||x||, the L2 normalisation.
+# ----------------------------------------------------------------------------------------------------------------
+def centroid_loss(p, t):
+    """(i) Multiview centroid loss. The paper: an attractive force pulls the embeddings of the views of one image
+    towards their centroid; the online network brings its embeddings to the centroid of the target network's
+    embeddings of the views of the same image.
+
+    Ours: L_C = (2 / M) sum_m mean_b ||n(p_bm) - c_bm||^2 with c_bm = n(sum_(k != m) n(t_bk)), the normalised
+    centroid of the target projections of the other views of image b (leave-one-out: a view never predicts its own
+    target); ||n(p) - c||^2 = 2 - 2 n(p).c as in byol.byol_loss. With M = 2 this is BYOL's symmetric loss (Eq. 3,
+    both directions summed), up to float rounding (t is normalised twice); the 2 / M keeps BYOL's scale for any M.
+    p, t (M, B, D); t is detached. float32."""
+    m = p.shape[0]
+    with common.fp32(p):
+        p, t = F.normalize(p.float(), dim=-1), F.normalize(t.detach().float(), dim=-1)
+        others = 1 - torch.eye(m, device=t.device)                                # (M, M): k != m
+        c = F.normalize(torch.einsum("mk,kbd->mbd", others, t), dim=-1)          # (M, B, D) leave-one-out centroids
+        return 2 / m * (2 - 2 * (p * c).sum(dim=-1)).mean(dim=1).sum()
+
+
+def singular_value_loss(z):
+    """(ii) Singular value loss. The paper: decorrelates the feature dimensions so that the embeddings disperse
+    uniformly, a global dispersive force towards a homogeneous density.
+
+    Ours (the paper's formula could not be read; this is the SVMax regulariser of Taha et al., 2021):
+    L_S = -(1 / r) sum_k sigma_k(n(Z_m)), the mean singular value of the (B x D) matrix of normalised embeddings of
+    view m, r = min(B, D), averaged over the views. Rows have unit norm, so sum_k sigma_k^2 = B: the loss is
+    largest, -sqrt(B) / r, under collapse (one non-zero singular value) and smallest, -sqrt(B / r), when all r
+    singular values are equal (the embeddings use every direction equally). z (M, B, D) or (B, D); float32 (no SVD
+    in bf16)."""
+    with common.fp32(z):
+        return -torch.linalg.svdvals(F.normalize(z.float(), dim=-1)).mean()
+
+
+def brownian_loss(z, generator):
+    """(iii) Brownian diffusive loss. The paper: a random motion of each embedding that needs no other embedding's
+    position, a local dispersive force against local collapse; it has an implicit contrastive effect and stretches
+    weak links more than strong ones.
+
+    Ours: L_B = mean over b, m of cos(z_bm, eps_bm), eps_bm ~ N(0, I) drawn afresh for every embedding from
+    `generator`. Its gradient (n(eps) - cos(z, eps) n(z)) / ||z|| is a zero-mean random step tangent to the sphere:
+    Brownian motion of each particle; the value itself carries no information. z (..., D); float32."""
+    with common.fp32(z):
+        eps = torch.randn(z.shape, generator=generator, device=z.device)
+        return (F.normalize(z.float(), dim=-1) * F.normalize(eps, dim=-1)).sum(dim=-1).mean()
+
+
+def loss_terms(model, views, sv_weight, brownian_weight, seed=0):
+    """L = L_C + lambda_S L_S + lambda_B L_B on the M views (x_1, ..., x_M) of one micro-batch: the centroid loss
+    on the online predictions, the two dispersive forces on the online projections z (the embedding layer)."""
+    z, p, t = model(*views)                                                       # each (M, B, D)
+    terms = {"centroid": centroid_loss(p, t), "sv": singular_value_loss(z),
+             "brownian": brownian_loss(z, model.noise_generator(seed, z.device))}
+    loss = terms["centroid"] + sv_weight * terms["sv"] + brownian_weight * terms["brownian"]
+    return loss, terms
+
+
+def objective(args):
+    return (f"L = L_C + {args.sv_weight} * L_S + {args.brownian_weight} * L_B over M = {args.views} views (MSBReg, "
+            f"our reconstruction): L_C = (2/M) sum_m ||n(p_m) - c_m||^2, c_m = n(sum_(k != m) n(t_k)) (leave-one-out "
+            f"centroid of the target projections); L_S = -mean singular value of n(z) of each view; "
+            f"L_B = mean cos(z, eps), eps ~ N(0, I) per embedding and step")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def build_model(args, encoder=None, feature_dim=None):
+    if encoder is None:
+        encoder, feature_dim = common.encoder_for(args)
+    return MSBReg(encoder, feature_dim, args.hidden_dim, args.proj_dim, args.batchnorm)
+
+
+def train(args, model=None):
+    """Pre-train MSBReg with byol.py's EMA; returns common.pretrain's exit status."""
+    torch.manual_seed(args.seed)
+    model = model if model is not None else build_model(args)
+
+    def loss_fn(model, *views):
+        return loss_terms(model, views, args.sv_weight, args.brownian_weight, args.seed)
+
+    return common.pretrain(args, model, loss_fn, views=view_specs(args.views), after_step=byol.ema_step(args),
+                           objective=objective(args))
+
+
+def parse_args(argv=None):
+    args = byol.parse_args(argv, build_parser(), method="msbreg")
+    if args.views < 2:
+        raise common.UserError(f"--views must be at least 2 (each view is pulled to the centroid of the others), "
+                               f"got {args.views}")
+    for name in ("sv_weight", "brownian_weight"):
+        if not math.isfinite(getattr(args, name)):
+            raise common.UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.accum_steps > 1:
+        print(f"warning: with --accum-steps {args.accum_steps} the singular values are those of micro-batches of "
+              f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)
+    return train(args)
+
+
+if __name__ == "__main__":
+    common.cli(main)

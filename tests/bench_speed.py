@@ -3,8 +3,8 @@
   augmentation  views/s of the batched augmentation (common.batched_view) and of torchvision's per-image pipeline
                 (common.ssl_augmentation) on the same machine, and their ratio
   training      per method: one optimizer step through the real pipeline (uint8 CIFAR-shaped data on the device,
-                both views made by batched_view, forward, backward, LARS, EMA): images/s, seconds per 50k-image
-                epoch, peak memory, and the achieved TFLOP/s (FLOPs of one step counted by
+                every view (two; M for msbreg) made by batched_view, forward, backward, LARS, EMA): images/s,
+                seconds per 50k-image epoch, peak memory, and the achieved TFLOP/s (FLOPs of one step counted by
                 torch.utils.flop_counter, over the measured step time); on a known GPU also its share of the peak
   mhe           the Eq. 7 regulariser's forward+backward alone, its share of a BYOL-MHE step, BYOL-MHE / BYOL
 
@@ -30,6 +30,7 @@ import byol  # noqa: E402
 import byol_mhe  # noqa: E402
 import byol_uniformity  # noqa: E402
 import common  # noqa: E402
+import msbreg  # noqa: E402
 import simclr  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the utilisation figure
@@ -80,15 +81,18 @@ def augmentation_speed(n_images, batch, device):
     return out
 
 
-def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simclr_proj_dim=128):
+def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simclr_proj_dim=128,
+                  views=msbreg.VIEWS):
     """(name, model, loss_fn, after_step, views) for each method, built by the methods' own code with their CIFAR-10
-    settings, read from their parsers and presets. encoder() -> (module, feature size); the widths are the heads'."""
+    settings, read from their parsers and presets. encoder() -> (module, feature size); the widths are the heads';
+    `views` is msbreg's M."""
     cifar = ["--dataset", "cifar10"]
     uniformity = byol_uniformity.build_parser().parse_args(cifar)
     mhe = byol_mhe.build_parser().parse_args(cifar + ["--pow", pow])
     mhe.mhe_weight = byol_mhe.MHE_WEIGHT["cifar10"]  # Appendix C.1, the default byol_mhe.main fills in
     byol_terms = {"byol": None, "byol_uniformity": byol_uniformity.uniformity_term(uniformity),
                   "byol_mhe": byol_mhe.mhe_term(mhe)}
+    ms = msbreg.build_parser().parse_args(cifar + ["--views", str(views)])
     tau, simclr_cifar = byol.PRESETS["cifar10"][300]["tau_base"], simclr.PRESETS["cifar10"][300]
     for name in names:
         torch.manual_seed(0)
@@ -96,6 +100,10 @@ def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simcl
             yield (name, simclr.SimCLR(*encoder(), simclr_proj_dim),
                    lambda m, a, b: (simclr.nt_xent(*m(a, b), simclr_cifar["temperature"]), {}), None,
                    simclr.views(simclr_cifar["jitter_strength"]))
+        elif name == "msbreg":
+            yield (name, msbreg.MSBReg(*encoder(), hidden_dim, proj_dim),
+                   lambda m, *x: msbreg.loss_terms(m, x, ms.sv_weight, ms.brownian_weight),
+                   lambda m: m.update_target(tau), msbreg.view_specs(ms.views))
         else:
             extra = byol_terms[name]
             yield (name, byol.BYOL(*encoder(), hidden_dim, proj_dim),
@@ -109,7 +117,8 @@ def training_speed(args, device):
     sampler = common.EpochBatches(len(images), b, args.steps + 1, 1, seed=0)
     results, models = {}, {}
     encoder = lambda: common.build_encoder(args.arch, "cifar")  # noqa: E731
-    for name, model, loss_fn, after, views in method_setups(args.methods.split(","), encoder, args.pow):
+    for name, model, loss_fn, after, views in method_setups(args.methods.split(","), encoder, args.pow,
+                                                            views=args.views):
         common.place(model, device, args.compile)
         opt = common.LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
         loader = common.DeviceViews(images, sampler, "cifar10", 32, views)
@@ -167,7 +176,8 @@ def main(argv=None):
     p.add_argument("--arch", default="resnet18", choices=tuple(common.ARCHS))
     p.add_argument("--pow", default="a2", choices=common.MHE_POWERS)
     p.add_argument("--mhe-repeats", type=int, default=5, help="timed runs of the Eq. 7 regulariser alone")
-    p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr")
+    p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr,msbreg")
+    p.add_argument("--views", type=int, default=msbreg.VIEWS, help="M, views per image of msbreg")
     p.add_argument("--augment-images", type=int, default=2048, help="images for the augmentation comparison")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: augmentation,training")

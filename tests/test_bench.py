@@ -15,7 +15,7 @@ def test_benchmark_runs_and_counts_the_expected_flops(capsys):
     assert aug["ratio"] == round(aug["batched_views_per_s"] / aug["per_image_views_per_s"], 2)
 
     train = result["training"]
-    assert set(train) == {"byol", "byol_uniformity", "byol_mhe", "simclr"}
+    assert set(train) == {"byol", "byol_uniformity", "byol_mhe", "simclr", "msbreg"}
     for r in train.values():
         assert r["step_s"] > 0 and abs(r["epoch_50k_s"] - 50000 * r["step_s"] / batch) < 1e-3 * r["epoch_50k_s"]
         assert r["tflops"] > 0 and r["images_per_s"] > 0
@@ -30,6 +30,9 @@ def test_benchmark_runs_and_counts_the_expected_flops(capsys):
     gram = 3 * 2 * 4096 ** 2 * (512 + 256)
     extra = (train["byol_mhe"]["tflop_per_step"] - train["byol"]["tflop_per_step"]) * 1e12
     assert 0.95 * gram < extra < 1.1 * gram
+    # MSBReg with M = 4 views runs BYOL's networks on twice as many views; its SVD (not counted by the FLOP
+    # counter) and the other terms are a few (B, 256) products
+    assert 1.95 < train["msbreg"]["tflop_per_step"] / train["byol"]["tflop_per_step"] < 2.05
     mhe = result["mhe"]
     assert mhe["regulariser_s"] > 0
     assert mhe["byol_mhe_over_byol"] == round(train["byol_mhe"]["step_s"] / train["byol"]["step_s"], 4)

@@ -83,7 +83,7 @@ def test_singular_value_loss_extremes():
     assert msbreg.singular_value_loss(z.detach() - 0.1 * z.grad).item() < loss.item()
 
 
-# --- (iii) Brownian ----------------------------------------------------------------------------------------------------
+# --- (iii) Brownian ---------------------------------------------------------------------------------------------------
 def test_brownian_loss_matches_naive_loop():
     torch.manual_seed(4)
     z = torch.randn(3, 5, 6)
@@ -118,7 +118,7 @@ def test_brownian_gradient_is_tangent_and_reproducible_from_the_seed():
     assert torch.equal(torch.randn(3, generator=model.noise_generator(0, torch.device("cpu"))), second)
 
 
-# --- training ----------------------------------------------------------------------------------------------------------
+# --- training ---------------------------------------------------------------------------------------------------------
 def tiny_msbreg(seed=0):
     torch.manual_seed(seed)
     return msbreg.MSBReg(TinyEncoder(16), 16, hidden_dim=32, proj_dim=8)

@@ -24,7 +24,7 @@ import common
 # Hyperparameters: byol.PRESETS (Appendix B.2 of Durrant & Leontidis) for everything BYOL has. The paper's M and
 # weights could not be read: these three are ours, untuned.
 # ----------------------------------------------------------------------------------------------------------------
-VIEWS = 4               # ours: M, "more than two views"; the issue's default, twice BYOL's compute per image
+VIEWS = 4               # ours: M, the paper's "more than two views"; twice BYOL's compute per image
 SV_WEIGHT = 1.0         # ours: lambda_S, unit weight
 BROWNIAN_WEIGHT = 1.0   # ours: lambda_B, unit weight
 
@@ -71,8 +71,9 @@ class MSBReg(byol.BYOL):
         return torch.stack(z), torch.stack(p), torch.stack(t)
 
     def noise_generator(self, seed, device):
-        """The generator of the next micro-batch's Brownian noise, seeded by (seed, number of earlier draws)."""
-        g = torch.Generator(device).manual_seed((seed * 1_000_003 + self.noise_draws) % 2**63)
+        """The generator of the next micro-batch's Brownian noise, seeded by (seed, number of earlier draws); the
+        2**62 keeps these seeds apart from common.EpochBatches' (seed, epoch) ones."""
+        g = torch.Generator(device).manual_seed((2**62 + seed * 1_000_003 + self.noise_draws) % 2**63)
         self.noise_draws += 1
         return g
 

@@ -153,7 +153,7 @@ def test_two_views_with_zero_weights_is_byol(cifar_dir, tmp_path, no_md5):
     assert msbreg.train(msbreg.parse_args(tiny_argv(cifar_dir, tmp_path / "on", *short, "--views", "2")),
                         changed) == 0
     moved = (changed.encoder.net[1].weight - model.encoder.net[1].weight).abs().max()
-    assert moved > 1e-3   # 0.03 measured, against < 1e-6 between msbreg.py at zero weights and byol.py
+    assert moved > 1e-3   # 0.023 measured, against < 3e-7 between msbreg.py at zero weights and byol.py
 
 
 @pytest.mark.parametrize("augment", ["batched", "per-image"])

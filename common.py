@@ -1264,7 +1264,7 @@ def broadcast_model(model):
     """Rank 0's parameters and buffers on every process, as DistributedDataParallel starts (in place)."""
     if world_size() > 1:
         with torch.no_grad():
-            for t in model.state_dict().values():
+            for t in [*model.parameters(), *model.buffers()]:  # not state_dict(): it may hold non-tensor extra state
                 dist.broadcast(t, src=0)
 
 

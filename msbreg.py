@@ -134,10 +134,13 @@ def brownian_loss(z, generator):
 
 def loss_terms(model, views, sv_weight, brownian_weight, seed=0):
     """L = L_C + lambda_S L_S + lambda_B L_B on the M views (x_1, ..., x_M) of one micro-batch: the centroid loss
-    on the online predictions, the two dispersive forces on the online projections z (the embedding layer)."""
+    on the online predictions, the two dispersive forces on the online projections z (the embedding layer).
+    Under torchrun the dispersive forces see the global micro-batch (common.gather), and every process draws the
+    same noise for all of it, so the run equals the one-process run."""
     z, p, t = model(*views)                                                       # each (M, B, D)
-    terms = {"centroid": centroid_loss(p, t), "sv": singular_value_loss(z),
-             "brownian": brownian_loss(z, model.noise_generator(seed, z.device))}
+    z_all = torch.stack([common.gather(z_m) for z_m in z])                      # (M, W * B, D), W processes
+    terms = {"centroid": centroid_loss(p, t), "sv": singular_value_loss(z_all),
+             "brownian": brownian_loss(z_all, model.noise_generator(seed, z.device))}
     loss = terms["centroid"] + sv_weight * terms["sv"] + brownian_weight * terms["brownian"]
     return loss, terms
 

@@ -18,6 +18,7 @@ import byol
 import byol_mhe
 import byol_uniformity
 import common
+import msbreg
 import simclr
 from conftest import RUNNER, ROOT, TinyEncoder
 
@@ -115,10 +116,18 @@ def _byol_model(batchnorm):
     return byol.BYOL(TinyEncoder(16, bn=batchnorm), 16, hidden_dim=32, proj_dim=8, batchnorm=batchnorm)
 
 
+def _msbreg_model(batchnorm):
+    torch.manual_seed(0)
+    return msbreg.MSBReg(TinyEncoder(16, bn=batchnorm), 16, hidden_dim=32, proj_dim=8, batchnorm=batchnorm)
+
+
 def _run(method, cifar_dir, out_dir, *extra, extra_terms=None):
     """Train one of the methods with a TinyEncoder; returns (exit status, model)."""
     argv = _argv(cifar_dir, out_dir, *extra)
     batchnorm = "--no-batchnorm" not in extra
+    if method == "msbreg":
+        model = _msbreg_model(batchnorm)
+        return msbreg.train(msbreg.parse_args(argv), model), model
     if method == "simclr":
         torch.manual_seed(0)
         model = simclr.SimCLR(TinyEncoder(16, bn=batchnorm), 16, 8, batchnorm)
@@ -141,6 +150,7 @@ RUNS = {  # name: (method, flags)
     "byol_mhe": ("byol_mhe", ["--no-batchnorm", "--mhe-on", "encoder,projector,predictor",
                               "--augment", "per-image"]),   # DataLoader path: each process loads its part
     "simclr": ("simclr", ["--no-batchnorm"]),
+    "msbreg": ("msbreg", ["--no-batchnorm"]),    # M = 4: singular values and Brownian noise of the global batch
     # BatchNorm everywhere, --sync-bn on by default under torchrun; with accumulation: micro-batches of 5 + 5
     "byol_sync_bn": ("byol", ["--batch-size", "20", "--accum-steps", "2"]),
     "simclr_sync_bn": ("simclr", ["--sync-bn"]),
@@ -200,6 +210,9 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
     atol = 1e-5 if "--no-batchnorm" in flags else 5e-4
     moved = False
     for key, want in one.items():
+        if key == "_extra_state":                               # msbreg's count of Brownian noise draws
+            assert ranks[0][key] == ranks[1][key] == want
+            continue
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # LARS and the EMA keep the processes identical
         assert torch.allclose(ranks[0][key].float(), want.float(), rtol=1e-4, atol=atol), key
         moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-2)
@@ -208,7 +221,7 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
     rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
     want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["step"] == want_rows[0]["step"]
-    for key in ("loss", "byol", "uniformity", "mhe"):            # logged terms: the global batch's
+    for key in ("loss", "byol", "uniformity", "mhe", "centroid", "sv", "brownian"):  # logged: the global batch's
         if key in want_rows[0]:
             assert rows[0][key] == pytest.approx(want_rows[0][key], rel=1e-4, abs=1e-6), key
 
@@ -218,6 +231,8 @@ def _initial(method, flags):
         torch.manual_seed(0)
         return simclr.SimCLR(TinyEncoder(16, bn="--no-batchnorm" not in flags), 16, 8,
                              "--no-batchnorm" not in flags).state_dict()
+    if method == "msbreg":
+        return _msbreg_model("--no-batchnorm" not in flags).state_dict()
     return _byol_model("--no-batchnorm" not in flags).state_dict()
 
 

@@ -1,8 +1,12 @@
 """BYOL + L_uniformity (Section 3.4, Eq. 4): BYOL with the uniformity loss of Wang & Isola (Eq. 2) on the online
 projections, independent of the predictor.
 
-    python byol_uniformity.py --dataset cifar10                     # lambda_uni = 0.125, t = 2 (Section 4)
-    python byol_uniformity.py --dataset cifar10 --unif-on encoder   # on f_theta's features (Table 5, App. B.1)
+    python byol_uniformity.py --dataset cifar10                         # lambda_uni = 0.125, t = 2 (Section 4)
+    python byol_uniformity.py --dataset cifar10 --unif-on encoder       # on f_theta's features (Table 5, App. B.1)
+    python byol_uniformity.py --dataset cifar10 --uniformity legendre   # SFRIK's Legendre MMD instead of Eq. 2
+
+Eq. 2 is the Gaussian-kernel member of the family of rotation-invariant kernels whose MMD to the uniform law SFRIK
+(sfrik.py) uses; --uniformity legendre swaps in SFRIK's kernel (degrees 1-3, --legendre-weights) on the same tensors.
 
 Paper: 91.48 % CIFAR-10 top-1 for ResNet-18 / 300 epochs (Table 5), 94.84 % for ResNet-50 / 1000 epochs (Table 3).
 Everything else (model, presets, training) is byol.py's; this file adds only Eq. 4 and its flags.
@@ -22,13 +26,26 @@ def build_parser():
                    help="where L_uni acts: the online projections g_theta(f_theta(x)) (Section 3.4: 'online "
                         "projections') or the encoder features f_theta(x) (Table 5 and Appendix B.1 call the "
                         "encoder f_theta, the symbol of Eq. 4)")
+    g.add_argument("--uniformity", default="gaussian", choices=("gaussian", "legendre"),
+                   help="gaussian: Eq. 2; legendre: SFRIK's MMD to the uniform law (common.mmd_to_uniform), weighted "
+                        "by the same --unif-weight (our choice, not tuned)")
+    g.add_argument("--legendre-weights", type=common.legendre_weights, default=None, metavar="B1,B2,...",
+                   help="with --uniformity legendre: b_l >= 0 of psi = sum_l b_l P_l (default: SFRIK's 1,40,40)")
     return p
+
+
+def uniformity(z, args):
+    """The uniformity term of one view's vectors z (B, D), projections or encoder features: Eq. 2 (--uniformity
+    gaussian) or SFRIK's Legendre MMD to the uniform law (--uniformity legendre)."""
+    if args.uniformity == "legendre":
+        return common.mmd_to_uniform(z, args.legendre_weights or common.LEGENDRE_WEIGHTS)
+    return common.uniformity_loss(z, args.unif_t)
 
 
 def uniformity_term(args):
     """Eq. 4: L = L_BYOL + lambda_uni * L_uniformity(f_theta; t), on the online projections z (--unif-on projector)
-    or the encoder features h (--unif-on encoder) of both views: the mean of Eq. 2 over the two views, each view's
-    B vectors their own set of pairs.
+    or the encoder features h (--unif-on encoder) of both views: the mean of Eq. 2 (or of SFRIK's MMD) over the two
+    views, each view's B vectors their own set of pairs.
 
     The pairs come from the (micro-)batch: with --accum-steps N each micro-batch of batch/N images is its own set
     of pairs, as in the paper's batch-size study (Section 5.1, Table C.8). Under torchrun they come from the global
@@ -36,7 +53,7 @@ def uniformity_term(args):
     v1, v2 = ("z1", "z2") if args.unif_on == "projector" else ("h1", "h2")  # see byol.BYOL.forward
 
     def terms(model, out):
-        uni = sum(common.uniformity_loss(common.gather(out[v]), args.unif_t) for v in (v1, v2)) / 2
+        uni = sum(uniformity(common.gather(out[v]), args) for v in (v1, v2)) / 2
         return {"uniformity": (args.unif_weight, uni)}
     return terms
 
@@ -47,12 +64,23 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not hasattr(args, "uniformity"):  # a run resumed from before --uniformity existed
+        args.uniformity, args.legendre_weights = "gaussian", None
+    if args.uniformity == "legendre" and args.legendre_weights is None:
+        args.legendre_weights = common.LEGENDRE_WEIGHTS
+    elif args.uniformity == "gaussian" and args.legendre_weights is not None:
+        raise common.UserError("--legendre-weights needs --uniformity legendre")
     if args.accum_steps > 1:
         print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)
     on = "online projections z" if args.unif_on == "projector" else "online encoder features h"
-    objective = (f"{byol.OBJECTIVE} + {args.unif_weight} * L_uniformity(f_theta; t={args.unif_t}) (Eq. 4), "
-                 f"L_uniformity(z) = log mean_(i != j) exp(-t ||z_i - z_j||^2) (Eq. 2) on the {on}, "
+    if args.uniformity == "legendre":
+        b = ", ".join(f"{w:g}" for w in args.legendre_weights)
+        uni = (f"SFRIK's Legendre MMD to the uniform law in place of Eq. 2, "
+               f"M(z) = mean_(i, j) sum_l b_l P_l(<z_i, z_j>), b = ({b}),")
+    else:
+        uni = f"L_uniformity(z) = log mean_(i != j) exp(-t ||z_i - z_j||^2) (Eq. 2), t = {args.unif_t},"
+    objective = (f"{byol.OBJECTIVE} + {args.unif_weight} * L_uniformity(f_theta) (Eq. 4), {uni} on the {on}, "
                  f"averaged over the two views")
     return byol.train(args, extra_terms=uniformity_term(args), objective=objective)
 

@@ -1,7 +1,8 @@
 """What every method of the paper needs, written once.
 
 Durrant & Leontidis, "Hyperspherically Regularized Networks for Self-Supervision" (2022). The method files
-(byol.py, byol_uniformity.py, byol_mhe.py, simclr.py) import this module and add only their own model and loss.
+(byol.py, byol_uniformity.py, byol_mhe.py, simclr.py, sfrik.py) import this module and add only their own model
+and loss.
 
 Sections, in the order the paper introduces them:
   errors and the command line    one-line errors, the shared flags, presets keyed by (dataset, epochs)
@@ -10,8 +11,9 @@ Sections, in the order the paper introduces them:
   batched augmentations          Appendix B.5 for a whole uint8 batch on its device, parameters drawn per image
   model                          Appendix B.1 / Section 3.6: ResNet encoder with the CIFAR stem, the MLP head
   optimisation                   Appendix B.2: LARS, LR warm-up + cosine, EMA schedule tau
-  evaluation                     weighted k-NN monitor; uniformity (Eq. 2), alignment (Eq. A.1), hyperspherical
-                                 energy (Eq. 5, A.3) and the paper's uniformity analysis (Figs. 4, 5)
+  evaluation                     weighted k-NN monitor; uniformity (Eq. 2), SFRIK's Legendre MMD to the uniform
+                                 law, alignment (Eq. A.1), hyperspherical energy (Eq. 5, A.3) and the paper's
+                                 uniformity analysis (Figs. 4, 5)
   checkpoints                    atomic, resumable, readable with weights_only=True
   many processes                 torchrun: join the group, gather with gradients, average gradients, BatchNorm
                                  over the global batch, rank 0 alone writes
@@ -457,16 +459,17 @@ JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)   # BYOL's;
 JITTER_P, GRAY_P, BLUR_SIGMA = 0.8, 0.2, (0.1, 2.0)
 
 
-def ssl_augmentation(dataset, image_size, blur_p, solarize_p, jitter=JITTER):
+def ssl_augmentation(dataset, image_size, blur_p, solarize_p, jitter=JITTER, jitter_p=JITTER_P):
     """One view of Appendix B.5 for one PIL image, in the paper's order: crop, flip, colour jitter, grayscale, blur,
     solarise. The readable reference, and the pipeline of imagenet/folder; see batched_view for the batched one.
-    A view specification is (blur_p, solarize_p) or (blur_p, solarize_p, jitter): `*view` fills these arguments."""
+    A view specification is (blur_p, solarize_p), (blur_p, solarize_p, jitter) or (blur_p, solarize_p, jitter,
+    jitter_p) (sfrik.py's STL-10 recipe jitters with p = 1): `*view` fills these arguments."""
     info = DATASETS[dataset]
     ops = [
         T.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         # ColorJitter applies brightness, contrast, saturation and hue in a random order for each image.
-        T.RandomApply([T.ColorJitter(**jitter)], p=JITTER_P),
+        T.RandomApply([T.ColorJitter(**jitter)], p=jitter_p),
         T.RandomGrayscale(p=GRAY_P),  # luma 0.2989 r + 0.587 g + 0.114 b
     ]
     if info.blur_solarize and blur_p > 0:
@@ -655,14 +658,14 @@ def _constants(device, values):
     return torch.tensor(values, device=device)
 
 
-def view_params(n, height, width, blur_p, solarize_p, g, device="cpu", jitter=JITTER):
+def view_params(n, height, width, blur_p, solarize_p, g, device="cpu", jitter=JITTER, jitter_p=JITTER_P):
     """Every random parameter of one view (Appendix B.5) for each of n images of height x width, from generator g."""
     u = lambda *shape: torch.rand(*shape, device=device, generator=g)  # noqa: E731
     b, c, s, h = jitter["brightness"], jitter["contrast"], jitter["saturation"], jitter["hue"]
     device = torch.device(device)
     lo, hi = _constants(device, (1 - b, 1 - c, 1 - s, -h)), _constants(device, (1 + b, 1 + c, 1 + s, h))
     return dict(crop=sample_crops(n, height, width, g, device), flip=u(n) < 0.5,
-                jitter=u(n) < JITTER_P, factors=lo + (hi - lo) * u(n, 4), order=u(n, 4).argsort(dim=1),
+                jitter=u(n) < jitter_p, factors=lo + (hi - lo) * u(n, 4), order=u(n, 4).argsort(dim=1),
                 gray=u(n) < GRAY_P, blur=u(n) < blur_p, sigma=BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
                 solarize=u(n) < solarize_p)
 
@@ -688,10 +691,12 @@ def normalise(x, dataset):
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def batched_view(images, dataset, size, blur_p, solarize_p, jitter=JITTER, *, g):
+def batched_view(images, dataset, size, blur_p, solarize_p, jitter=JITTER, jitter_p=JITTER_P, *, g):
     """One augmented view of every uint8 image (n, 3, H, W) on its device, each image with its own parameters drawn
-    from generator g; `*view` of a view specification (see ssl_augmentation) fills blur_p, solarize_p, jitter."""
-    p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter)
+    from generator g; `*view` of a view specification (see ssl_augmentation) fills blur_p, solarize_p, jitter,
+    jitter_p."""
+    p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter,
+                    jitter_p)
     return apply_view(images, p, dataset, size)
 
 
@@ -851,7 +856,7 @@ def ema_tau(step, total_steps, tau_base):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Evaluation: weighted k-NN monitor, uniformity and alignment
+# Evaluation: weighted k-NN monitor, uniformity (Eq. 2 and SFRIK's Legendre MMD) and alignment
 # ----------------------------------------------------------------------------------------------------------------
 def knn_predict(bank, bank_labels, queries, num_classes, k=200, t=0.1):
     """Weighted k-NN of InstDisc (Wu et al., 2018): the k bank features most cosine-similar to a query vote for
@@ -882,6 +887,49 @@ def alignment_loss(x, y, alpha=2):
     with fp32(x):
         x, y = F.normalize(x.float(), dim=1), F.normalize(y.float(), dim=1)
         return (x - y).norm(dim=1).pow(alpha).mean()
+
+
+def legendre(t, degree, dim):
+    """The Legendre (Gegenbauer) polynomial P_l of `degree` l in dimension q = `dim`, normalised so that P_l(1) = 1
+    (Zheng et al., 2023, SFRIK): P_0 = 1, P_1(t) = t, P_2(t) = (q t^2 - 1) / (q - 1), P_3(t) = ((q + 2) t^3 - 3 t) /
+    (q - 1), and in general P_(k+1) = ((2k + q - 2) t P_k - k P_(k-1)) / (k + q - 2). For q = 3 they are Legendre's,
+    for q = 2 Chebyshev's cos(l theta). t: a tensor of cosines, entrywise."""
+    if dim < 2 or degree < 0:
+        raise ValueError(f"need dim >= 2 and degree >= 0, got dim={dim}, degree={degree}")
+    previous, p = torch.ones_like(t), t
+    if degree == 0:
+        return previous
+    for k in range(1, degree):
+        previous, p = p, ((2 * k + dim - 2) * t * p - k * previous) / (k + dim - 2)
+    return p
+
+
+LEGENDRE_WEIGHTS = (1.0, 40.0, 40.0)  # b_1, b_2, b_3 of SFRIK's official recipes
+
+
+def mmd_to_uniform(z, weights=LEGENDRE_WEIGHTS):
+    """SFRIK's uniformity term (Zheng et al., 2023): the squared MMD between the L2-normalised rows z_i of z (n, q)
+    and the uniform law on the sphere S^(q-1), for the rotation-invariant kernel psi(<x, y>) = sum_l b_l P_l(<x, y>)
+    with b = `weights` (b_1, b_2, ...) >= 0. Every P_l with l >= 1 averages to 0 against the uniform law, so
+        M(Z) = (1 / n^2) sum_(i, j) psi(<z_i, z_j>),   all n^2 pairs, the diagonal included.
+    0 for a spherical design of strength len(weights), sum(weights) for a collapse. Computed in float32."""
+    with fp32(z):
+        z = F.normalize(z.float(), dim=1)
+        gram = z @ z.T                                                      # (n, n) cosines
+        psi = sum(b * legendre(gram, l, z.shape[1]) for l, b in enumerate(weights, start=1))
+        return psi.mean()
+
+
+def legendre_weights(text):
+    """--legendre-weights: comma-separated b_1,b_2,... >= 0 (a positive-definite kernel, Schoenberg's theorem)."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers b_1,b_2,..., e.g. 1,40,40")
+    if any(not w >= 0 or math.isinf(w) for w in weights):
+        raise argparse.ArgumentTypeError(f"{text!r}: every b_l must be a finite number >= 0 (a kernel with a "
+                                         f"negative weight is not positive definite)")
+    return weights
 
 
 MHE_POWERS = ("0", "1", "2", "a0", "a1", "a2")
@@ -992,11 +1040,12 @@ def residual_blocks(encoder):
 
 def representation_analysis(model, images, dataset, image_size, views, power, device, workers=0, on_device=False):
     """The paper's uniformity analysis on a fixed set of eval images (labels unused), logged under eval_ names so
-    that no training term is overwritten: eval_uniformity (Eq. 2, t=2) of the L2-normalised encoder features;
-    eval_alignment (Eq. A.1) between the features of two augmented views of each image; eval_mhe_<sub-network>,
-    the MHE objective of each sub-network with `power` (Fig. 5b); and eval_energy_<block>, the hyperspherical
-    energy of each ResNet block's globally pooled output over the images (Fig. 4: "the output of each ResNet
-    block"), named by the block's torchvision module path (eval_energy_layer1.0, ...).
+    that no training term is overwritten: eval_uniformity (Eq. 2, t=2) and eval_mmd_legendre (SFRIK's Legendre MMD
+    to the uniform law, b = 1, 40, 40) of the L2-normalised encoder features; eval_alignment (Eq. A.1) between the
+    features of two augmented views of each image; eval_mhe_<sub-network>, the MHE objective of each sub-network
+    with `power` (Fig. 5b); and eval_energy_<block>, the hyperspherical energy of each ResNet block's globally
+    pooled output over the images (Fig. 4: "the output of each ResNet block"), named by the block's torchvision
+    module path (eval_energy_layer1.0, ...).
 
     The views are the same at every evaluation; alignment is between the first two of `views` (a multi-view
     method's first pair). on_device: the images (of an in-memory dataset) are transformed on the device by eval_view
@@ -1025,7 +1074,8 @@ def representation_analysis(model, images, dataset, image_size, views, power, de
                 h.remove()
         f1, f2 = zip(*[(encode(encoder, x1, device), encode(encoder, x2, device)) for x1, x2 in pairs])
         row = {"eval_uniformity": uniformity_loss(feats).item(),
-               "eval_alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item()}
+               "eval_alignment": alignment_loss(torch.cat(f1), torch.cat(f2)).item(),
+               "eval_mmd_legendre": mmd_to_uniform(feats).item()}
         for part in SUBNETWORKS:
             if hasattr(model, part):
                 row[f"eval_mhe_{part}"] = total_energy(layer_weights(getattr(model, part)), power).item()
@@ -1395,9 +1445,9 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     model        nn.Module with an online encoder at `model.encoder` (the one evaluated and exported)
     loss_fn      (model, x1, x2) -> (loss, {name: scalar tensor}); the loss and each named term are logged;
                  with M views, (model, x1, ..., xM)
-    views        ((blur_p, solarize_p[, jitter]) of view 1, of view 2, ...): Appendix B.5 augmentation
-                 probabilities and, optionally, the colour jitter (default JITTER, BYOL's); one entry per view made
-                 of each image (two for every method of the paper)
+    views        ((blur_p, solarize_p[, jitter[, jitter_p]]) of view 1, of view 2, ...): Appendix B.5 augmentation
+                 probabilities and, optionally, the colour jitter and its probability (default JITTER, BYOL's, with
+                 p = JITTER_P); one entry per view made of each image (two for every method of the paper)
     after_step   (model, step, total_steps) -> {name: float}, called once per optimizer step (e.g. the EMA)
     Returns 0 when training finished, 128 + signal number when it was stopped by a signal (checkpoint saved).
     """

@@ -31,6 +31,7 @@ import byol_mhe  # noqa: E402
 import byol_uniformity  # noqa: E402
 import common  # noqa: E402
 import msbreg  # noqa: E402
+import sfrik  # noqa: E402
 import simclr  # noqa: E402
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the utilisation figure
@@ -82,10 +83,10 @@ def augmentation_speed(n_images, batch, device):
 
 
 def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simclr_proj_dim=128,
-                  views=msbreg.VIEWS):
+                  views=msbreg.VIEWS, expander=None):
     """(name, model, loss_fn, after_step, views) for each method, built by the methods' own code with their CIFAR-10
     settings, read from their parsers and presets. encoder() -> (module, feature size); the widths are the heads';
-    `views` is msbreg's M."""
+    `views` is msbreg's M; `expander` SFRIK's widths (default: its preset's 8192-8192-8192)."""
     cifar = ["--dataset", "cifar10"]
     uniformity = byol_uniformity.build_parser().parse_args(cifar)
     mhe = byol_mhe.build_parser().parse_args(cifar + ["--pow", pow])
@@ -104,6 +105,10 @@ def method_setups(names, encoder, pow="a2", hidden_dim=4096, proj_dim=256, simcl
             yield (name, msbreg.MSBReg(*encoder(), hidden_dim, proj_dim),
                    lambda m, *x: msbreg.loss_terms(m, x, ms.sv_weight, ms.brownian_weight),
                    lambda m: m.update_target(tau), msbreg.view_specs(ms.views))
+        elif name == "sfrik":
+            s = sfrik.parse_args(cifar)
+            yield (name, sfrik.SFRIK(*encoder(), expander or s.expander), sfrik.loss_terms(s), None,
+                   sfrik.VIEWS["cifar10"])
         else:
             extra = byol_terms[name]
             yield (name, byol.BYOL(*encoder(), hidden_dim, proj_dim),
@@ -118,7 +123,7 @@ def training_speed(args, device):
     results, models = {}, {}
     encoder = lambda: common.build_encoder(args.arch, "cifar")  # noqa: E731
     for name, model, loss_fn, after, views in method_setups(args.methods.split(","), encoder, args.pow,
-                                                            views=args.views):
+                                                            views=args.views, expander=args.expander):
         common.place(model, device, args.compile)
         opt = common.LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
         loader = common.DeviceViews(images, sampler, "cifar10", 32, views)
@@ -176,8 +181,10 @@ def main(argv=None):
     p.add_argument("--arch", default="resnet18", choices=tuple(common.ARCHS))
     p.add_argument("--pow", default="a2", choices=common.MHE_POWERS)
     p.add_argument("--mhe-repeats", type=int, default=5, help="timed runs of the Eq. 7 regulariser alone")
-    p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr,msbreg")
+    p.add_argument("--methods", default="byol,byol_uniformity,byol_mhe,simclr,msbreg,sfrik")
     p.add_argument("--views", type=int, default=msbreg.VIEWS, help="M, views per image of msbreg")
+    p.add_argument("--expander", type=sfrik.expander_widths, default=None,
+                   help="SFRIK's expander widths (default: its CIFAR-10 preset, 8192-8192-8192)")
     p.add_argument("--augment-images", type=int, default=2048, help="images for the augmentation comparison")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: augmentation,training")

@@ -8,14 +8,14 @@ import bench_speed
 def test_benchmark_runs_and_counts_the_expected_flops(capsys):
     batch = 4
     result = bench_speed.main(["--device", "cpu", "--batch-size", str(batch), "--steps", "1",
-                               "--augment-images", "16", "--mhe-repeats", "1"])
+                               "--augment-images", "16", "--mhe-repeats", "1", "--expander", "64-64-32"])
     assert json.loads(capsys.readouterr().out) == result                      # stdout is exactly the JSON
     aug = result["augmentation"]
     assert aug["batched_views_per_s"] > 0 and aug["per_image_views_per_s"] > 0
     assert aug["ratio"] == round(aug["batched_views_per_s"] / aug["per_image_views_per_s"], 2)
 
     train = result["training"]
-    assert set(train) == {"byol", "byol_uniformity", "byol_mhe", "simclr", "msbreg"}
+    assert set(train) == {"byol", "byol_uniformity", "byol_mhe", "simclr", "msbreg", "sfrik"}
     for r in train.values():
         assert r["step_s"] > 0 and abs(r["epoch_50k_s"] - 50000 * r["step_s"] / batch) < 1e-3 * r["epoch_50k_s"]
         assert r["tflops"] > 0 and r["images_per_s"] > 0
@@ -25,6 +25,9 @@ def test_benchmark_runs_and_counts_the_expected_flops(capsys):
     assert 8.5e9 < byol_per_image < 9.3e9
     # SimCLR has no target network and no predictor: about 6.7 GFLOP per image, below BYOL
     assert train["simclr"]["tflop_per_step"] < 0.8 * train["byol"]["tflop_per_step"]
+    # SFRIK, like SimCLR, is two encoder passes with backward; with this small expander the heads' and the MMD's
+    # FLOPs are below 0.1 % of the encoder's
+    assert abs(train["sfrik"]["tflop_per_step"] / train["simclr"]["tflop_per_step"] - 1) < 0.01
     # Eq. 7 on projector and predictor adds a batch-independent cost: forward and backward (3x) of the Gram
     # products of the two 4096-neuron layers, 2 * 4096^2 * (512 + 256) FLOPs forward
     gram = 3 * 2 * 4096 ** 2 * (512 + 256)

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bench_speed
 import byol
 import common
+import sfrik
 import simclr
 from conftest import TinyEncoder
 
@@ -39,10 +40,10 @@ class HostReads(TorchDispatchMode):
 def setup(name):
     """(name, model, loss_fn, after_step, views) of one method, as the benchmark builds it, with a tiny encoder."""
     return next(bench_speed.method_setups([name], lambda: (TinyEncoder(), 16), hidden_dim=64, proj_dim=32,
-                                          simclr_proj_dim=8))
+                                          simclr_proj_dim=8, expander=(64, 64, 32)))
 
 
-@pytest.mark.parametrize("name", ["byol", "byol_uniformity", "byol_mhe", "simclr"])
+@pytest.mark.parametrize("name", ["byol", "byol_uniformity", "byol_mhe", "simclr", "sfrik"])
 def test_a_step_never_waits_for_the_device(name, monkeypatch):
     """Both views made from uint8 images, forward, backward, LARS, EMA: run with the CUDA choices (colour jitter on
     the whole batch) while the default device is 'meta', so any tensor built without an explicit device (a host
@@ -92,6 +93,7 @@ def test_losses_and_measures_leave_autocast():
     z1, z2, w = torch.randn(16, 32), torch.randn(16, 32), torch.randn(64, 8, 3, 3)
     cases = {"byol_loss": lambda: byol.byol_loss(z1, z2), "nt_xent": lambda: simclr.nt_xent(z1, z2, 0.5),
              "uniformity": lambda: common.uniformity_loss(z1), "alignment": lambda: common.alignment_loss(z1, z2),
+             "mmd_legendre": lambda: common.mmd_to_uniform(z1), "invariance": lambda: sfrik.invariance_loss(z1, z2),
              **{f"energy_{s}": functools.partial(common.total_energy, [w, w.flatten(1)[:32], w * 2], s)
                 for s in common.MHE_POWERS}}
     for name, f in cases.items():
@@ -100,7 +102,7 @@ def test_losses_and_measures_leave_autocast():
         assert inside.dtype == torch.float32 and torch.equal(inside, f()), name
 
 
-@pytest.mark.parametrize("name", ["byol", "byol_uniformity", "byol_mhe", "simclr"])
+@pytest.mark.parametrize("name", ["byol", "byol_uniformity", "byol_mhe", "simclr", "sfrik"])
 def test_a_bf16_channels_last_step_stays_close_to_float32(name, monkeypatch):
     """train_step with CUDA's settings (bf16 autocast, channels_last model and inputs) against the float32 step from
         the same weights and views: float32 terms within bf16 rounding of the float32 ones, finite float32 gradients

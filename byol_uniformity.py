@@ -59,17 +59,20 @@ def uniformity_term(args):
 
 
 def parse_args(argv=None):
-    return byol.parse_args(argv, build_parser(), method="byol_uniformity")
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    """byol.parse_args with this file's flags; SFRIK's weights filled for --uniformity legendre (what a run's
+    args.json holds)."""
+    args = byol.parse_args(argv, build_parser(), method="byol_uniformity")
     if not hasattr(args, "uniformity"):  # a run resumed from before --uniformity existed
         args.uniformity, args.legendre_weights = "gaussian", None
     if args.uniformity == "legendre" and args.legendre_weights is None:
         args.legendre_weights = common.LEGENDRE_WEIGHTS
     elif args.uniformity == "gaussian" and args.legendre_weights is not None:
         raise common.UserError("--legendre-weights needs --uniformity legendre")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.accum_steps > 1:
         print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)

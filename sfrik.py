@@ -47,9 +47,10 @@ VIEWS = {"stl10": AUH, "cifar10": AUH, "cifar100": AUH, "imagenet": VICREG, "fol
 
 
 def expander_widths(text):
-    """--expander: dash-separated layer widths, e.g. 8192-8192-8192; the last is the embedding dimension q >= 2."""
+    """--expander: layer widths separated by dashes (or commas), e.g. 8192-8192-8192; the last is the embedding
+    dimension q >= 2."""
     try:
-        out = tuple(int(w) for w in text.split("-"))
+        out = tuple(int(w) for w in text.replace(",", "-").split("-"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give dash-separated widths, e.g. 8192-8192-8192")
     if min(out) < 1 or out[-1] < 2:

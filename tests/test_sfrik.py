@@ -237,17 +237,21 @@ def test_the_stl10_views_jitter_strongly_always_and_never_blur():
 
 
 def test_byol_uniformity_legendre_term_is_the_mmd():
-    args = byol.parse_args(["--uniformity", "legendre", "--legendre-weights", "1,2,3"],
-                           byol_uniformity.build_parser(), "byol_uniformity")
+    args = byol_uniformity.parse_args(["--uniformity", "legendre", "--legendre-weights", "1,2,3"])
     torch.manual_seed(6)
     out = {"z1": torch.randn(8, 5), "z2": torch.randn(8, 5)}
     lam, value = byol_uniformity.uniformity_term(args)(None, out)["uniformity"]
     expect = (naive_mmd(out["z1"], (1, 2, 3)) + naive_mmd(out["z2"], (1, 2, 3))) / 2
     assert lam == 0.125 and value.item() == pytest.approx(expect, rel=1e-5)
-    gaussian = byol.parse_args([], byol_uniformity.build_parser(), "byol_uniformity")
+    gaussian = byol_uniformity.parse_args([])
     _, value = byol_uniformity.uniformity_term(gaussian)(None, out)["uniformity"]
     expect = (common.uniformity_loss(out["z1"]) + common.uniformity_loss(out["z2"])) / 2
     assert gaussian.uniformity == "gaussian" and value.item() == pytest.approx(expect.item())
+    on_encoder = byol_uniformity.parse_args(["--uniformity", "legendre", "--unif-on", "encoder"])
+    out.update(h1=torch.randn(8, 6), h2=torch.randn(8, 6))  # the encoder features of the two views
+    _, value = byol_uniformity.uniformity_term(on_encoder)(None, out)["uniformity"]
+    expect = (naive_mmd(out["h1"], (1, 40, 40)) + naive_mmd(out["h2"], (1, 40, 40))) / 2
+    assert value.item() == pytest.approx(expect, rel=1e-5)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------------
@@ -280,6 +284,9 @@ def test_legendre_weights_need_the_legendre_kernel(tmp_path):
     with pytest.raises(common.UserError, match="needs --uniformity legendre"):
         byol_uniformity.main(["--legendre-weights", "1,40,40", "--out-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+    assert byol_uniformity.parse_args(["--uniformity", "legendre"]).legendre_weights == (1.0, 40.0, 40.0)
+    assert byol_uniformity.parse_args([]).legendre_weights is None
+    assert sfrik.expander_widths("64,64,32") == sfrik.expander_widths("64-64-32") == (64, 64, 32)
 
 
 # --- end to end --------------------------------------------------------------------------------------------------------

@@ -314,9 +314,10 @@ def test_byol_uniformity_legendre_end_to_end(cifar_dir, tmp_path):
     out = tmp_path / "run"
     proc = check_ok(run_script("byol_uniformity.py", "--uniformity", "legendre", "--data-dir", cifar_dir,
                                "--out-dir", out, "--epochs", "1", "--workers", "0", "--hidden-dim", "64",
-                               "--proj-dim", "32", "--batch-size", "24", "--analysis-samples", "0"))
+                               "--proj-dim", "32", "--batch-size", "24"))
     assert "SFRIK's Legendre MMD" in proc.stdout and "Eq. 4" in proc.stdout
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= row["uniformity"] <= 81 and "byol" in row  # the MMD, where Eq. 2 would be negative
+    assert row["eval_uniformity"] < 0 <= row["eval_mmd_legendre"] <= 81  # the analysis of the encoder features
     args = json.loads((out / "args.json").read_text())
     assert args["uniformity"] == "legendre" and args["legendre_weights"] == [1.0, 40.0, 40.0]

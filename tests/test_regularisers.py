@@ -169,7 +169,8 @@ def test_representation_analysis_on_the_device_agrees_with_the_per_image_path(ci
     assert common.representation_analysis(*args, on_device=True) == batched
     blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]  # ResNet-18's 8 blocks (Fig. 4)
     assert set(batched) == set(pil) == {"eval_uniformity", "eval_alignment", "eval_mhe_encoder", "eval_mhe_projector",
-                                        "eval_mhe_predictor", "eval_mmd_legendre", *(f"eval_energy_{b}" for b in blocks)}
+                                        "eval_mhe_predictor", "eval_mmd_legendre",
+                                        *(f"eval_energy_{b}" for b in blocks)}
     for part in ("encoder", "projector", "predictor"):
         assert batched[f"eval_mhe_{part}"] == pil[f"eval_mhe_{part}"]
     assert abs(batched["eval_uniformity"] - pil["eval_uniformity"]) <= 1e-3 * abs(pil["eval_uniformity"])

@@ -254,7 +254,7 @@ def test_byol_uniformity_legendre_term_is_the_mmd():
     assert value.item() == pytest.approx(expect, rel=1e-5)
 
 
-# --- bad input ---------------------------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("script,flags,text", [
     ("byol_uniformity.py", ["--uniformity", "rbf"], "invalid choice: 'rbf'"),
     ("byol_uniformity.py", ["--uniformity", "legendre", "--legendre-weights", "1,-40,40"], "must be a finite number"),
@@ -289,7 +289,7 @@ def test_legendre_weights_need_the_legendre_kernel(tmp_path):
     assert sfrik.expander_widths("64,64,32") == sfrik.expander_widths("64-64-32") == (64, 64, 32)
 
 
-# --- end to end --------------------------------------------------------------------------------------------------------
+# --- end to end -----------------------------------------------------------------------------------------------------
 TINY_SFRIK = ["--epochs", "1", "--workers", "0", "--expander", "64-64-32", "--batch-size", "24"]
 
 

@@ -19,6 +19,7 @@ import byol_mhe
 import byol_uniformity
 import common
 import msbreg
+import sfrik
 import simclr
 from conftest import RUNNER, ROOT, TinyEncoder
 
@@ -55,14 +56,16 @@ def _global_batch():
 
 
 def _losses(x1, x2, images, lin, bn, gathered):
-    """Eq. 2 on one view, Eq. 1 on both and a per-sample loss after BatchNorm, on rows (per process) x1, x2."""
+    """Eq. 2 on one view, Eq. 1 and SFRIK's loss on both and a per-sample loss after BatchNorm, on rows (per
+    process) x1, x2."""
     z1, z2 = lin(x1), lin(x2)
     g = common.gather if gathered else (lambda z: z)
     uni = common.uniformity_loss(g(z1), 2.0)
     nce = simclr.nt_xent(g(z1), g(z2), 0.5)
+    sfr = sfrik.sfrik_loss(g(z1), g(z2), 10.0, 1.0)[0]
     weights = torch.linspace(-1, 1, 4 * 9).view(1, 4, 3, 3)
     per_sample = (bn(images) * weights).flatten(1).sum(1).pow(2).mean()
-    return uni, nce, per_sample
+    return uni, nce, sfr, per_sample
 
 
 def _gathered_maths(rank, out):
@@ -71,11 +74,11 @@ def _gathered_maths(rank, out):
     torch.manual_seed(0)
     lin, bn = nn.Linear(5, 3), common.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), torch.device("cpu"))
     assert isinstance(bn[0], common.GlobalBatchNorm)
-    uni, nce, per_sample = _losses(x1, x2, images, lin, bn, gathered=True)
-    (uni + nce + per_sample).backward()
+    uni, nce, sfr, per_sample = _losses(x1, x2, images, lin, bn, gathered=True)
+    (uni + nce + sfr + per_sample).backward()
     params = list(lin.parameters()) + list(bn.parameters())
     common.average_gradients(params)
-    torch.save({"uni": uni.detach(), "nce": nce.detach(), "per_sample": per_sample.detach(),
+    torch.save({"uni": uni.detach(), "nce": nce.detach(), "sfr": sfr.detach(), "per_sample": per_sample.detach(),
                 "param_grads": [p.grad for p in params], "row_grads": [x1.grad, x2.grad, images.grad],
                 "bn_state": bn.state_dict()}, out / f"maths{rank}.pt")
 
@@ -87,12 +90,13 @@ def test_gathered_terms_and_global_batchnorm_equal_the_concatenated_batch(two_pr
     x1, x2, images = (t.clone().requires_grad_() for t in _global_batch())
     torch.manual_seed(0)
     lin, bn = nn.Linear(5, 3), nn.Sequential(nn.BatchNorm2d(4))
-    uni, nce, per_sample = _losses(x1, x2, images, lin, bn, gathered=False)
-    (uni + nce + per_sample).backward()
+    uni, nce, sfr, per_sample = _losses(x1, x2, images, lin, bn, gathered=False)
+    (uni + nce + sfr + per_sample).backward()
     params = list(lin.parameters()) + list(bn.parameters())
     results = [torch.load(two_processes / f"maths{r}.pt") for r in range(WORLD)]
     for r, res in enumerate(results):
         assert torch.allclose(res["uni"], uni, atol=1e-6) and torch.allclose(res["nce"], nce, atol=1e-6)
+        assert torch.allclose(res["sfr"], sfr, atol=1e-5)
         for got, want in zip(res["param_grads"], params):
             assert torch.allclose(got, want.grad, atol=1e-5), (got, want.grad)
         for got, want in zip(res["row_grads"], (x1, x2, images)):

@@ -700,10 +700,10 @@ def batched_view(images, dataset, size, blur_p, solarize_p, jitter=JITTER, jitte
     return apply_view(images, p, dataset, size)
 
 
-def share_view(images, n, rows, dataset, size, blur_p, solarize_p, jitter=JITTER, *, g):
+def share_view(images, n, rows, dataset, size, blur_p, solarize_p, jitter=JITTER, jitter_p=JITTER_P, *, g):
     """batched_view of the images at `rows` (a slice) of a micro-batch of n images, given only those images: the
     parameters of all n are drawn from g, so an image's view does not depend on how the micro-batch is shared."""
-    p = view_params(n, images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter)
+    p = view_params(n, images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter, jitter_p)
     return apply_view(images, {k: tuple(t[rows] for t in v) if isinstance(v, tuple) else v[rows]
                                for k, v in p.items()}, dataset, size)
 

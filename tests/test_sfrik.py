@@ -234,6 +234,9 @@ def test_the_stl10_views_jitter_strongly_always_and_never_blur():
     images = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
     x = common.batched_view(images, "stl10", 64, *sfrik.AUH[0], g=torch.Generator().manual_seed(1))
     assert x.shape == (3, 3, 64, 64) and torch.isfinite(x).all()
+    share = common.share_view(images[1:], 3, slice(1, 3), "stl10", 64, *sfrik.AUH[0],  # one process's share
+                              g=torch.Generator().manual_seed(1))
+    assert torch.allclose(share, x[1:], atol=1e-6)
 
 
 def test_byol_uniformity_legendre_term_is_the_mmd():

@@ -53,6 +53,7 @@ def build_parser(description=__doc__):
     g.add_argument("--tau-base", type=float, default=None, help="EMA tau_base, raised to 1 by a cosine (Appendix B.2)")
     g.add_argument("--hidden-dim", type=int, default=4096, help="MLP hidden width of g and q (Section 3.6)")
     g.add_argument("--proj-dim", type=int, default=256, help="projection width (Section 3.6)")
+    p.numbers.update(tau_base="in [0, 1]", hidden_dim="positive int", proj_dim="positive int")
     return p
 
 

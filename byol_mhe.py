@@ -10,6 +10,7 @@ The energy of one layer, Eq. 5 / Eq. A.3 with the 1 / (N (N - 1)) of Eq. 7, is c
 (every run logs it, Figs. 4 and 5); this file adds Eq. 7 and its flags to byol.py.
 """
 import argparse
+import sys
 
 import byol
 import common
@@ -42,6 +43,7 @@ def build_parser():
     g.add_argument("--mhe-on", type=subnetworks, default="projector,predictor",
                    help="sub-networks whose conv/linear weights are regularised (Table 5); default per Appendix B.1 "
                         "and D")
+    p.numbers["mhe_weight"] = "finite float"  # a negative weight is an experiment, warned about in main
     return p
 
 
@@ -69,6 +71,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.mhe_weight < 0:
+        print(f"warning: --mhe-weight {args.mhe_weight} is negative: the run maximises the hyperspherical energy "
+              f"(Eq. 7), gathering the neurons instead of spreading them", file=sys.stderr)
     objective = (f"{byol.OBJECTIVE} + {args.mhe_weight} * sum_j E_{args.pow}(W_j) / (N_j (N_j - 1)) over the "
                  f"conv/linear layers of {'+'.join(args.mhe_on)} (Eq. 7, "
                  f"{'angular, Eq. A.3' if args.pow.startswith('a') else 'Euclidean, Eq. 5'})")

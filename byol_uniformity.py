@@ -31,6 +31,7 @@ def build_parser():
                         "by the same --unif-weight (our choice, not tuned)")
     g.add_argument("--legendre-weights", type=common.legendre_weights, default=None, metavar="B1,B2,...",
                    help="with --uniformity legendre: b_l >= 0 of psi = sum_l b_l P_l (default: SFRIK's 1,40,40)")
+    p.numbers.update(unif_weight="finite float", unif_t="finite positive float")  # a negative weight: warned below
     return p
 
 
@@ -73,6 +74,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.unif_weight < 0:
+        print(f"warning: --unif-weight {args.unif_weight} is negative: the run maximises L_uniformity, pulling the "
+              f"representations together", file=sys.stderr)
     if args.accum_steps > 1:
         print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)

@@ -5,7 +5,8 @@ Durrant & Leontidis, "Hyperspherically Regularized Networks for Self-Supervision
 and loss.
 
 Sections, in the order the paper introduces them:
-  errors and the command line    one-line errors, the shared flags, presets keyed by (dataset, epochs)
+  errors and the command line    one-line errors, the shared flags and the kinds of their numbers (NUMBERS), presets
+                                 keyed by (dataset, epochs), what may change on --resume
   data                           Appendix B.3/B.4: datasets and the fixed held-out validation splits
   augmentations                  Appendix B.5: the views of each image (torchvision), evaluation transforms
   batched augmentations          Appendix B.5 for a whole uint8 batch on its device, parameters drawn per image
@@ -14,18 +15,22 @@ Sections, in the order the paper introduces them:
   evaluation                     weighted k-NN monitor; uniformity (Eq. 2), SFRIK's Legendre MMD to the uniform
                                  law, alignment (Eq. A.1), hyperspherical energy (Eq. 5, A.3) and the paper's
                                  uniformity analysis (Figs. 4, 5)
-  checkpoints                    atomic, resumable, readable with weights_only=True
+  checkpoints                    atomic, resumable, readable with weights_only=True; a full disk keeps the last one
   many processes                 torchrun: join the group, gather with gradients, average gradients, BatchNorm
                                  over the global batch, rank 0 alone writes
-  training loop                  gradient accumulation (Section 5.1), pre-emption, metrics.jsonl
+  training loop                  gradient accumulation (Section 5.1), pre-emption, out of memory, the run folder,
+                                 metrics.jsonl rows that survive a resume
 """
 import argparse
 import contextlib
 import datetime
+import errno
 import functools
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import time
@@ -49,7 +54,19 @@ CHECKPOINT_FORMAT = "hyperreg-1"
 # Errors and the command line
 # ----------------------------------------------------------------------------------------------------------------
 class UserError(Exception):
-    """Bad input: shown as one line on stderr with a non-zero exit, never as a traceback."""
+    """Bad input (or a fault the user must fix): shown as one line on stderr with exit status `exit_code` (2 for bad
+    input), never as a traceback.
+
+    Raised inside a DataLoader worker, it comes back as UserError(worker traceback): only its last line is kept."""
+    exit_code = 2
+
+    def __init__(self, message, exit_code=None):
+        message = str(message)
+        if "Original Traceback" in message:  # re-raised by the DataLoader from a worker process
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 def cli(main):
@@ -57,17 +74,76 @@ def cli(main):
     try:
         sys.exit(main())
     except UserError as e:
+        end_workers()
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own)
+        end_workers()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
         end_distributed()
 
 
+def end_workers():
+    """Kill this script's DataLoader workers left by an error. They ignore SIGTERM (_workers_ignore_signals), and
+    the interpreter's exit ends them with SIGTERM and then waits for them: it would wait forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
+# Every numeric flag of every script is checked in one place, Parser.parse_args, before anything is loaded or
+# written. NUMBERS gives the kind of each shared flag (by its argparse dest); a script declares its own flags next
+# to them, e.g. in a method file's build_parser:
+#     g.add_argument("--temperature", type=float, default=None, help=...)
+#     p.numbers["temperature"] = "finite positive float"
+# A flag left at None (filled later from a preset) is not checked; presets are ours and trusted.
+NUMBER_KINDS = {  # kind -> (test, what the flag must be)
+    "positive int": (lambda v: v >= 1, "a positive integer"),
+    "non-negative int": (lambda v: v >= 0, "an integer >= 0"),
+    "finite positive float": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "finite non-negative float": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "finite float": (math.isfinite, "a finite number"),
+    "in [0, 1]": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    # Ours: below 8 px a crop holds almost nothing and the ResNet's strided layers reduce it to a single pixel.
+    "image size": (lambda v: v >= 8, "an integer >= 8 (pixels)"),
+    "0 or at least 2": (lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2 (the measures compare pairs)"),
+}
+NUMBERS = {
+    "image_size": "image size", "workers": "non-negative int", "subset": "positive int",
+    "epochs": "positive int", "batch_size": "positive int", "accum_steps": "positive int",
+    "base_lr": "finite positive float", "weight_decay": "finite non-negative float",
+    "warmup_epochs": "finite non-negative float", "seed": "non-negative int",
+    "knn_every": "non-negative int", "knn_k": "positive int", "knn_t": "finite positive float",
+    "analysis_samples": "0 or at least 2", "log_every": "positive int",
+}
+
+
+def check_numbers(args, kinds):
+    """UserError naming the first flag whose value is not of its kind ({dest: kind of NUMBER_KINDS})."""
+    for name, kind in kinds.items():
+        value = getattr(args, name, None)
+        test, what = NUMBER_KINDS[kind]
+        if value is not None and not test(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage dump) and defaults shown only where they are not None."""
+    """argparse with a one-line error (no usage dump), defaults shown only where they are not None, and every
+    numeric flag checked against its kind: NUMBERS for the shared flags, `parser.numbers` for a script's own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.numbers = {}
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        try:
+            check_numbers(parsed, {**NUMBERS, **self.numbers})
+        except UserError as e:
+            self.error(str(e))
+        return parsed
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
@@ -134,11 +210,13 @@ def base_parser():
                    help="auto picks cuda when available; cuda runs in bf16 autocast with channels_last")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    g.add_argument("--out-dir", default=None, help="run folder (default: runs/<method>-<dataset>-<time>)")
+    g.add_argument("--out-dir", default=None,
+                   help="run folder, new or empty (default: runs/<method>-<dataset>-<time>)")
     g.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                   help="continue the run saved in this last.pt (or its run folder) with its own settings; "
-                        "--device, --workers, --data-dir and --sync-bn may change (and the number of processes), "
-                        "other flags are taken from the checkpoint")
+                   help="continue the run saved in this last.pt (or its run folder) with its own settings; only "
+                        "--device, --workers, --data-dir and --sync-bn may be given with it (and the number of "
+                        "processes may change), and --epochs N to extend the run (the LR and tau cosines then "
+                        "follow an N-epoch run from the resumed step on)")
     g.add_argument("--knn-every", type=int, default=5, help="weighted k-NN accuracy every N epochs and at the end "
                    "(0: only at the end)")
     g.add_argument("--knn-k", type=int, default=200,
@@ -189,40 +267,66 @@ def preset_epilog(presets, source):
     return f"presets ({source}; the row nearest to --epochs is used):\n" + "\n".join(rows)
 
 
-def require_positive(args, *names):
-    """UserError unless each of these flags is unset (None) or a positive integer."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-
-
 def check_args(args):
-    """Checks argparse cannot do; raises UserError."""
-    require_positive(args, "epochs", "batch_size", "accum_steps", "image_size", "subset")
+    """Checks across flags that argparse cannot do; raises UserError."""
     if args.batch_size % args.accum_steps:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --accum-steps {args.accum_steps}")
-    if args.workers < 0:
-        raise UserError("--workers must be >= 0")
-    if args.analysis_samples < 0:
-        raise UserError("--analysis-samples must be >= 0")
+    micro = args.batch_size // args.accum_steps
+    if args.batchnorm and micro < 2:
+        raise UserError(f"--batch-size {args.batch_size} with --accum-steps {args.accum_steps} gives micro-batches of "
+                        f"{micro} image: BatchNorm needs at least 2 images per micro-batch (fewer --accum-steps, or "
+                        f"--no-batchnorm)")
     if args.augment == "batched" and args.dataset not in IN_MEMORY:
         raise UserError(f"--augment batched needs an in-memory dataset ({', '.join(IN_MEMORY)}), not {args.dataset}")
 
 
+RESUME_MAY_CHANGE = ("device", "workers", "data_dir", "sync_bn")  # where and how fast, never what is trained
+
+
+def given_flags(parser, argv):
+    """The dests of the flags written on this command line (not those left at their defaults)."""
+    unset, parse = object(), argparse.ArgumentParser.parse_args  # argparse's own: no number checks of `unset`
+    names = vars(parse(parser, argv))
+    given = vars(parse(parser, argv, argparse.Namespace(**dict.fromkeys(names, unset))))
+    return {k for k, v in given.items() if v is not unset}
+
+
+def resume_settings(parser, argv, args, method):
+    """The settings of the run being resumed. --device, --workers, --data-dir, --sync-bn may change; --epochs N extends (or
+    shortens) the run to N epochs: from the resumed step on, the LR cosine and the EMA tau schedule are those of an
+    N-epoch run (the steps already taken keep theirs), so extending a finished run raises the LR again from the end
+    of its old cosine to the N-epoch cosine's value at that step. Any other flag is refused."""
+    path = checkpoint_path(args.resume)
+    ckpt = load_checkpoint(path)
+    saved = ckpt["args"]
+    if saved.get("method") != method:
+        raise UserError(f"{path} is a {saved.get('method')} run; resume it with {saved.get('method')}.py")
+    given = given_flags(parser, argv) - {"resume"}
+    options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    refused = sorted(given - set(RESUME_MAY_CHANGE) - {"epochs"})
+    if refused:
+        raise UserError(f"{', '.join(options[k] for k in refused)} cannot be given with --resume: the run keeps "
+                        f"its own settings (only --device, --workers, --data-dir, --sync-bn and --epochs may change)")
+    keep = {k: getattr(args, k) for k in given & set(RESUME_MAY_CHANGE)}
+    if "epochs" in given and args.epochs != saved["epochs"]:
+        if args.epochs <= ckpt["epoch"]:
+            raise UserError(f"--epochs {args.epochs}: {path} has already trained {ckpt['epoch']} epochs; give more "
+                            f"to extend it")
+        print(f"# --epochs {args.epochs}: the run planned for {saved['epochs']} epochs continues to {args.epochs}; "
+              f"from step {ckpt['step']} on, the LR cosine and EMA tau schedule are those of a {args.epochs}-epoch "
+              f"run")
+        keep["epochs"] = args.epochs
+        keep["epochs_changed"] = [*saved.get("epochs_changed", []), [ckpt["step"], saved["epochs"], args.epochs]]
+    return argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+
+
 def parse_args(parser, argv, presets, method):
-    """Parse, restore the settings of a run being resumed, fill presets, check."""
+    """Parse (numbers checked by Parser), restore the settings of a run being resumed, fill presets, check."""
     args = parser.parse_args(argv)
     if getattr(args, "sync_bn", None) and not under_torchrun():
         raise UserError("--sync-bn needs torchrun (one process already normalises over the whole batch)")
     if args.resume:
-        path = checkpoint_path(args.resume)
-        saved = load_checkpoint(path)["args"]
-        if saved.get("method") != method:
-            raise UserError(f"{path} is a {saved.get('method')} run; resume it with {saved.get('method')}.py")
-        keep = {k: getattr(args, k) for k in ("device", "workers", "data_dir", "sync_bn")
-                if getattr(args, k) != parser.get_default(k)}  # only what was given on this command line
-        args = argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+        args = resume_settings(parser, argv, args, method)
     else:
         args.method = method
         apply_presets(args, presets)
@@ -312,7 +416,10 @@ def load_data(dataset, data_dir, eval_split, subset=None):
                 if not (root / sub).is_dir():
                     raise UserError(f"{dataset} expects image folders {root / 'train'} and {root / 'val'}; "
                                     f"{root / sub} does not exist")
-            train, test = tv.ImageFolder(root / "train"), tv.ImageFolder(root / "val")
+            train, test = (tv.ImageFolder(root / sub, loader=read_image) for sub in ("train", "val"))
+            if train.classes != test.classes:  # ImageFolder numbers the classes of each folder on its own
+                raise UserError(f"{root / 'val'} and {root / 'train'} hold different classes, so their labels "
+                                f"would not match: {class_difference(train.classes, test.classes)}")
             unlabeled = train
     except UserError:
         raise
@@ -330,6 +437,23 @@ def load_data(dataset, data_dir, eval_split, subset=None):
         first = lambda ds: Subset(ds, range(min(subset, len(ds))))  # noqa: E731
         data = Data(first(data.pretrain), first(data.bank), first(data.eval), num_classes)
     return data
+
+
+def class_difference(train, val):
+    """'val lacks a, b; val adds c' for two lists of class names."""
+    parts = []
+    for what, names in (("val lacks", sorted(set(train) - set(val))), ("val adds", sorted(set(val) - set(train)))):
+        if names:
+            parts.append(f"{what} {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+    return "; ".join(parts)
+
+
+def read_image(path):
+    """ImageFolder's loader (PIL, RGB) that names the file it cannot read instead of failing in a worker."""
+    try:
+        return torchvision.datasets.folder.pil_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt or not an image at all
+        raise UserError(f"cannot read image {path}: {e}") from None
 
 
 class Transformed(Dataset):
@@ -1155,7 +1279,9 @@ def checkpoint_path(path):
 
 
 def load_checkpoint(path):
-    """Read one of our checkpoints with weights_only=True, so a downloaded file cannot run code."""
+    """Read one of our checkpoints with weights_only=True: no pickled code runs. The known bypasses of that guard
+    (CVE-2025-32434, fixed in torch 2.6; CVE-2026-24747, fixed in 2.10) are why requirements.txt asks for
+    torch >= 2.10."""
     path = checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1166,15 +1292,83 @@ def load_checkpoint(path):
     return ckpt
 
 
+def megabytes(n):
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 2**10:.1f} kB"
+
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nested dict/list: about the size of the checkpoint torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def free_space(folder):
+    """Bytes free on the file system of `folder` (or of its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+@contextlib.contextmanager
+def writing(path, size=0):
+    """Turn a failed write of `path` (a full disk, a quota, a read-only file system) into a UserError that names
+    its folder and, when the disk is full, the space needed (`size` bytes: the file being written)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a write that failed part-way as RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__  # torch.save's RuntimeError wraps the OSError
+        if not isinstance(os_error, OSError):
+            raise  # not a failed write
+        free = free_space(path.parent)
+        if os_error.errno in (errno.ENOSPC, errno.EDQUOT) or free < size:
+            reason = (f"no space left in {path.parent}: {path.name} needs about {megabytes(size)}, "
+                      f"{megabytes(free)} free")
+        else:
+            reason = f"cannot write {path} ({os_error.strerror or os_error})"
+        raise UserError(reason, exit_code=1) from e
+
+
 def save_atomic(obj, path):
-    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
+    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint. A
+    write that fails (full disk) removes the temporary file, keeps the previous file and raises UserError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with writing(path, tensor_bytes(obj)):
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_weights(module, state, path):
+    """module.load_state_dict(state); a checkpoint whose weights do not fit the model built from its own settings
+    is a UserError, not a size-mismatch traceback."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise UserError(f"{path} is inconsistent: it holds a model of another shape than this version builds from "
+                        f"its settings: {lines[-1] if lines else type(e).__name__}") from e
+
+
+def save_json(obj, path):
+    """A small JSON file (args.json), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path):
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def rng_states(device):
@@ -1189,11 +1383,12 @@ def encoder_state(model):
     return {k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()}
 
 
-def encoder_from_checkpoint(ckpt):
-    """Rebuild the online encoder f_theta stored in any method's checkpoint."""
+def encoder_from_checkpoint(ckpt, source="the checkpoint"):
+    """Rebuild the online encoder f_theta stored in any method's checkpoint (read from `source`)."""
     encoder, dim = encoder_for(ckpt["args"])
     prefix = "encoder."
-    encoder.load_state_dict({k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)})
+    load_weights(encoder, {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)},
+                 source)
     return encoder, dim
 
 
@@ -1408,6 +1603,19 @@ def _workers_ignore_signals(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def ending_workers(loader):
+    """On an error, end the workers a DataLoader with persistent workers keeps (they ignore SIGTERM, so nothing else
+    would end them and the process could not exit)."""
+    try:
+        yield
+    except BaseException:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+        raise
+
+
 class StopSignal:
     """SIGTERM (cluster pre-emption) and Ctrl-C set a flag; the loop finishes its step, saves and exits."""
 
@@ -1426,17 +1634,75 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def prepare_run_folder(args, method):
-    """Create the run folder; refuse to overwrite a checkpoint that is not being resumed."""
+def check_writable(path, what):
+    """UserError unless `path` (a file or folder, existing or not) can be written, checked before any work: its
+    nearest existing folder must be a folder and writable (os.access also sees a read-only file system)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} is not writable ({existing} is read-only for us)")
+
+
+def check_run_folder(args, method):
+    """The run folder, checked before any work and not yet created: a new or empty folder we can write to, or the
+    folder of the run being resumed. A folder holding anything else is never written into."""
     if args.out_dir is None:
         args.out_dir = from_rank0(str(Path("runs") / f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     out = Path(args.out_dir)
-    if not args.resume and (out / "last.pt").exists():
-        raise UserError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
-                        f"or choose another --out-dir")
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir {out} is a file, not a folder")
+    if not args.resume and out.is_dir() and any(out.iterdir()):
+        if (out / "last.pt").exists():
+            raise UserError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
+                            f"or choose another --out-dir")
+        names = sorted(p.name for p in out.iterdir())
+        raise UserError(f"{out} is not empty ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); a new run "
+                        f"needs a new or empty --out-dir")
+    check_writable(out, "the run folder")
     return out
+
+
+def trim_metrics(path, epochs_done):
+    """On resume, keep only the metrics.jsonl rows of the epochs the checkpoint records as done. A row is written
+    before the checkpoint that records its epoch, so a run killed between the two has a row for an epoch it trains
+    again (dropped here, written again) and never lacks one; a line torn by a kill is dropped too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("epoch", math.inf) <= epochs_done:
+                keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(path):
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
+
+
+def append_metrics(path, row):
+    line = json.dumps(row) + "\n"
+    with writing(path, len(line)), open(path, "a") as f:
+        f.write(line)
+
+
+def is_out_of_memory(e):
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+@contextlib.contextmanager
+def out_of_memory(advice):
+    """Turn running out of memory into a UserError: 'out of memory <advice()>' (advice names what to lower)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory {advice()}") from None
 
 
 def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
@@ -1453,6 +1719,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     """
     check_world(args, launched_world_size())  # before joining the process group: every process fails alone
     device = init_distributed(args.device)
+    out = check_run_folder(args, args.method)  # before any work; created below
     with rank0_first():  # one download
         data = load_data(args.dataset, args.data_dir, args.eval_split, args.subset)  # fails before anything is written
     micro = args.batch_size // args.accum_steps
@@ -1463,30 +1730,32 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     peak_lr = scaled_lr(args.base_lr, args.batch_size)  # Appendix B.2: LR = LR_base * BatchSize / 256
 
-    out = prepare_run_folder(args, args.method)
+    if is_main():
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
     synced = world_size() > 1 and getattr(args, "sync_bn", None) is not False
     if synced:
         sync_batchnorm(model, device)
     place(model, device, args.compile)
     optimizer = LARS([p for p in model.parameters() if p.requires_grad], lr=0.0, weight_decay=args.weight_decay)
-    step, start_epoch = 0, 0
+    step, start_epoch, partial, saved = 0, 0, {}, None  # saved: (epoch, step) of the last.pt on disk
     if args.resume:
         ckpt = load_checkpoint(args.resume)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # e.g. written before the heads' last Linear lost its bias
-            raise UserError(f"{args.resume} holds a model of another shape than this version builds: "
-                            f"{str(e).strip().splitlines()[-1].strip()}") from e
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, start_epoch = ckpt["step"], ckpt["epoch"]
+        load_weights(model, ckpt["model"], args.resume)  # e.g. written before the heads' last Linear lost its bias
+        load_weights(optimizer, ckpt["optimizer"], args.resume)
+        step, start_epoch, saved = ckpt["step"], ckpt["epoch"], (ckpt["epoch"], ckpt["step"])
+        partial = ckpt.get("partial_epoch", {})  # the running sums of an epoch stopped part-way
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         if is_main():
+            trim_metrics(out / "metrics.jsonl", start_epoch)
+            if ckpt["args"]["epochs"] != args.epochs:  # --epochs changed the plan: args.json says so
+                save_json(vars(args), out / "args.json")
             print(f"# resumed from {args.resume} at epoch {start_epoch}, step {step}")
     elif is_main():
         print_run(args, objective)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        save_json(vars(args), out / "args.json")
     broadcast_model(model)
     if world_size() > 1 and is_main():
         print(f"# {world_size()} processes ({dist.get_backend()}): {micro // world_size()} images each per "
@@ -1504,17 +1773,33 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                             worker_init_fn=_workers_ignore_signals)
     bank_loader, eval_loader = eval_loaders(data, args.dataset, args.image_size, 512, args.workers,
                                             device if on_device else None) if is_main() else (None, None)
+    stop = StopSignal()
 
-    def checkpoint(epoch):
+    def on_disk():
+        if saved is None:
+            return f"no checkpoint was written yet ({out} holds no last.pt)"
+        return f"the last checkpoint {out / 'last.pt'} (step {saved[1]}) is intact; continue with --resume {out}"
+
+    def failed(e):  # a write failed: say what is on disk, exit with the signal's status when one was being handled
+        return UserError(f"{e}; {on_disk()}", exit_code=128 + stop.signum if stop.signum else e.exit_code)
+
+    def checkpoint(epoch, partial_epoch=None):
+        nonlocal saved
         if is_main():
-            save_atomic({"format": CHECKPOINT_FORMAT, "method": args.method, "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                         "rng": rng_states(device), "args": vars(args), "argv": sys.argv}, out / "last.pt")
+            state = {"format": CHECKPOINT_FORMAT, "method": args.method, "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                     "rng": rng_states(device), "args": vars(args), "argv": sys.argv}
+            if partial_epoch:
+                state["partial_epoch"] = partial_epoch
+            try:
+                save_atomic(state, out / "last.pt")
+            except UserError as e:
+                raise failed(e) from None
+        saved = (epoch, step)
 
     def check_finite(loss_sum, where):
         if not math.isfinite(loss_sum):
-            raise UserError(f"non-finite loss ({loss_sum}) {where}; stopped without saving, the last good "
-                            f"checkpoint {out / 'last.pt'} is intact")
+            raise UserError(f"non-finite loss ({loss_sum}) {where}; stopped without saving: {on_disk()}")
 
     def stopped(signum):
         if is_main():
@@ -1522,12 +1807,19 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                   file=sys.stderr)
         return 128 + signum
 
-    with StopSignal() as stop:
+    def memory_advice(what, lower):
+        return lambda: f"{what}: lower {lower}; {on_disk()}"
+
+    with stop, ending_workers(loader):
         for epoch in range(start_epoch, args.epochs):
             start_step = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             sampler.set_epoch(epoch, start_step)
             model.train()
-            sums, extra, t0 = {}, {}, time.time()
+            # The epoch's running sums (the processes' mean), restored when it was stopped part-way: its row is then
+            # the uninterrupted run's.
+            sums = {k: v.to(device) for k, v in partial.get("sums", {}).items()}
+            counted, t0, extra = partial.get("steps", 0), time.time() - partial.get("seconds", 0.0), {}
+            partial = {}
             bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{args.epochs}",
                        dynamic_ncols=True, mininterval=1.0, leave=False, disable=not is_main())
             batches = iter(loader)
@@ -1535,52 +1827,63 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 lr = lr_at(step, total_steps, warmup_steps, peak_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                terms = train_step(model, optimizer, loss_fn, batches, args.accum_steps, device)
+                with out_of_memory(memory_advice("while training", "--batch-size (or raise --accum-steps) or "
+                                                                   "--image-size")):
+                    terms = train_step(model, optimizer, loss_fn, batches, args.accum_steps, device)
                 extra = after_step(model, step, total_steps) if after_step else {}
                 step += 1
+                counted += 1
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value
                 bar.update(1)
                 done = step - epoch * steps_per_epoch - start_step
                 signum = agreed_signal(stop.signum, done % args.log_every == 0)
                 if done % args.log_every == 0 or signum:  # reading the loss synchronises: only now and then
-                    mean = process_mean(sums)["loss"].item() / done
+                    mean = process_mean(sums)["loss"].item() / counted
                     check_finite(mean, f"at step {step}")
-                    speed = done * args.batch_size / (time.time() - t0)
+                    speed = counted * args.batch_size / (time.time() - t0)
                     bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.3g}", img_s=f"{speed:.0f}",
                                     **{k: f"{v:.5f}" for k, v in extra.items()})
                 if signum and step < (epoch + 1) * steps_per_epoch:  # at an epoch's end: finish it first
                     bar.close()
-                    checkpoint(epoch)
+                    sums = process_mean(sums)
+                    checkpoint(epoch, {"sums": {k: v.detach().cpu() for k, v in sums.items()}, "steps": counted,
+                                       "seconds": time.time() - t0})
                     return stopped(signum)
             bar.close()
             seconds = time.time() - t0
-            done = steps_per_epoch - start_step
             sums = process_mean(sums)
-            row = {"epoch": epoch + 1, "step": step, **{k: v.item() / done for k, v in sums.items()},
+            row = {"epoch": epoch + 1, "step": step, **{k: v.item() / counted for k, v in sums.items()},
                    "lr": lr, **extra, "seconds": round(seconds, 3),
-                   "images_per_s": round(done * args.batch_size / seconds, 1)}
+                   "images_per_s": round(counted * args.batch_size / seconds, 1)}
             check_finite(row["loss"], f"in epoch {epoch + 1}")
             evaluate = epoch + 1 == args.epochs or (args.knn_every and (epoch + 1) % args.knn_every == 0)
             if evaluate and is_main():  # the other processes wait in agreed_signal below
                 t1 = time.time()
-                row["knn_top1"] = knn_accuracy(model.encoder, bank_loader, eval_loader, data.num_classes, device,
-                                               args.knn_k, args.knn_t)
-                if args.analysis_samples:
-                    images = analysis_images(data.eval, args.analysis_samples)
-                    row.update(representation_analysis(model, images, args.dataset, args.image_size, views,
-                                                       getattr(args, "pow", None) or "a2", device, args.workers,
-                                                       on_device))
+                with out_of_memory(memory_advice("in the k-NN evaluation", "--image-size or --analysis-samples")):
+                    row["knn_top1"] = knn_accuracy(model.encoder, bank_loader, eval_loader, data.num_classes,
+                                                   device, args.knn_k, args.knn_t)
+                    if args.analysis_samples:
+                        images = analysis_images(data.eval, args.analysis_samples)
+                        row.update(representation_analysis(model, images, args.dataset, args.image_size, views,
+                                                           getattr(args, "pow", None) or "a2", device, args.workers,
+                                                           on_device))
                 row["eval_seconds"] = round(time.time() - t1, 3)
+            if is_main():  # the row first: a kill between the two leaves a row the resume writes again, never a gap
+                try:
+                    append_metrics(out / "metrics.jsonl", row)
+                except UserError as e:
+                    raise failed(e) from None
             checkpoint(epoch + 1)
             if is_main():
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
             signum = agreed_signal(stop.signum, True)
             if signum:
                 return stopped(signum)
     if is_main():
-        torch.save(encoder_state(model), out / "encoder.pt")
+        try:
+            save_atomic(encoder_state(model), out / "encoder.pt")
+        except UserError as e:
+            raise failed(e) from None
         print(f"done: {out / 'last.pt'} (full run), {out / 'encoder.pt'} (torchvision ResNet weights)")
     return 0

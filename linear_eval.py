@@ -4,10 +4,12 @@
     python linear_eval.py --checkpoint runs/<run>/last.pt --precompute     # fast: probe on fixed features
     python linear_eval.py --random-init --dataset cifar10 --arch resnet18  # baseline: untrained encoder
 
-Prints and writes top-1, top-5 (Appendix B.4) and k-NN top-1 to <checkpoint folder>/linear_eval_<split>.json.
+Prints and writes top-1, top-5 (Appendix B.4) and k-NN top-1 to <checkpoint folder>/linear_eval_<split>.json; an
+earlier result is never replaced: the next is linear_eval_<split>-2.json, -3, ... (and the script says so).
 The encoder stays in eval mode and is checked bit-identical (weights and BatchNorm buffers) after the probe.
 """
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,7 +57,9 @@ def build_parser():
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     g.add_argument("--workers", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default=None, help="JSON result file (default: next to the checkpoint)")
+    g.add_argument("--out", default=None, help="JSON result file (default: next to the checkpoint); if it exists, "
+                   "the result goes to <name>-2.json, -3, ...")
+    p.numbers.update(lr="finite positive float", momentum="in [0, 1]")  # the others are common.NUMBERS' kinds
     return p
 
 
@@ -70,7 +74,7 @@ def frozen_encoder(args):
         encoder, dim = common.encoder_for(trained)
     else:
         ckpt = common.load_checkpoint(args.checkpoint)
-        encoder, dim = common.encoder_from_checkpoint(ckpt)
+        encoder, dim = common.encoder_from_checkpoint(ckpt, common.checkpoint_path(args.checkpoint))
         trained = ckpt["args"]
     return encoder.requires_grad_(False).eval(), dim, trained
 
@@ -87,10 +91,14 @@ def sanity_check(module, before):
 
 
 def train_probe(probe, loader, encode, lr, args, device):
-    """SGD with momentum and a per-step cosine LR from lr to 0 (Appendix D), cross-entropy on encode(x)."""
+    """SGD with momentum and a per-step cosine LR from lr to 0 (Appendix D), cross-entropy on encode(x).
+
+    A diverged probe stops the evaluation (UserError, no result reported): an epoch's mean loss that is not finite
+    or above 10 times the loss of the first step (our threshold: SGD from a fresh probe never gets there)."""
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    total, step = args.epochs * len(loader), 0
-    for _ in tqdm(range(args.epochs), desc="linear probe", dynamic_ncols=True, mininterval=1.0):
+    total, step, first = args.epochs * len(loader), 0, None
+    for epoch in tqdm(range(args.epochs), desc="linear probe", dynamic_ncols=True, mininterval=1.0):
+        epoch_loss = 0.0
         for x, y in loader:
             for group in opt.param_groups:
                 group["lr"] = common.lr_at(step, total, 0, lr)
@@ -99,25 +107,50 @@ def train_probe(probe, loader, encode, lr, args, device):
             loss.backward()
             opt.step()
             step += 1
+            first = loss.detach() if first is None else first
+            epoch_loss = epoch_loss + loss.detach()
+        mean = (epoch_loss / len(loader)).item()
+        if not math.isfinite(mean) or mean > 10 * first.item():
+            raise common.UserError(f"the linear probe diverged (mean loss {mean:.4g} in epoch {epoch + 1}, "
+                                   f"{first.item():.4g} at its first step): lower --lr ({args.lr}); no result "
+                                   f"was written")
     return loss.item()
 
 
 def result_path(args, dataset):
+    """Where the result is meant to go; checked (a file we can write) before any work."""
     if args.out:
-        return Path(args.out)
-    if args.checkpoint:
-        folder = common.checkpoint_path(args.checkpoint).parent
+        path = Path(args.out)
+        if path.is_dir():
+            raise common.UserError(f"--out {path} is a folder; give a file name, e.g. {path / 'result.json'}")
+    elif args.checkpoint:
+        path = common.checkpoint_path(args.checkpoint).parent / f"linear_eval_{args.eval_split}.json"
     else:
-        folder = Path("runs") / f"random-init-{dataset}-{args.arch}"
-    return folder / f"linear_eval_{args.eval_split}.json"
+        path = Path("runs") / f"random-init-{dataset}-{args.arch}" / f"linear_eval_{args.eval_split}.json"
+    common.check_writable(path.parent, "the result folder")
+    return path
+
+
+def unused_path(path):
+    """`path`, or, when it exists, the first of <stem>-2<suffix>, -3, ... that does not: a result is never replaced."""
+    n, free = 1, path
+    while free.exists():
+        n += 1
+        free = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return free
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    common.require_positive(args, "epochs", "batch_size", "knn_k", "subset")
+    parser = build_parser()
+    args = parser.parse_args(argv)  # every number checked against its kind
+    ignored = sorted(common.given_flags(parser, argv) & {"arch", "stem"})
+    if args.checkpoint and ignored:  # the checkpoint says which encoder it holds
+        raise common.UserError(f"{', '.join('--' + k for k in ignored)} cannot be given with --checkpoint (only with "
+                               f"--random-init): the checkpoint's own encoder is evaluated")
     device = common.resolve_device(args.device)
     encoder, dim, trained = frozen_encoder(args)
     dataset = args.dataset or trained["dataset"]
+    out = result_path(args, dataset)
     if args.augment == "batched" and dataset not in common.IN_MEMORY:
         raise common.UserError(f"--augment batched needs an in-memory dataset ({', '.join(common.IN_MEMORY)})")
     if dataset != trained["dataset"] and args.image_size is None:
@@ -128,8 +161,6 @@ def main(argv=None):
     data = common.load_data(dataset, data_dir, args.eval_split, args.subset)
     if args.eval_split == "val" and trained.get("eval_split") == "test":
         print("# note: the encoder was pre-trained on the full train set, which includes the val images (unlabelled)")
-    out = result_path(args, dataset)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     common.place(encoder, device)
     before = snapshot(encoder)
@@ -147,8 +178,9 @@ def main(argv=None):
 
     # One pass over each split: the eval transform is deterministic, so these are the features the probe sees at
     # test time, and (with --precompute) its training set.
-    bank, bank_labels = common.extract_features(encoder, bank_loader, device, normalize=False)
-    queries, labels = common.extract_features(encoder, eval_loader, device, normalize=False)
+    with common.out_of_memory(lambda: "extracting features: lower --image-size"):
+        bank, bank_labels = common.extract_features(encoder, bank_loader, device, normalize=False)
+        queries, labels = common.extract_features(encoder, eval_loader, device, normalize=False)
     knn = common.knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), data.num_classes,
                              args.knn_k, args.knn_t)
     knn_top1 = common.accuracy(knn, labels, 1)
@@ -168,8 +200,9 @@ def main(argv=None):
         loader = DataLoader(common.Transformed(data.bank, common.probe_transform(dataset, image_size)),
                             batch_size=args.batch_size, shuffle=True, generator=g, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
-    with common.eval_mode(encoder), torch.enable_grad():
-        last_loss = train_probe(probe, loader, encode, effective_lr, args, device)
+    with common.out_of_memory(lambda: "training the probe: lower --batch-size or use --precompute"):
+        with common.eval_mode(encoder), torch.enable_grad():
+            last_loss = train_probe(probe, loader, encode, effective_lr, args, device)
     with torch.no_grad():
         logits = probe(queries)
     sanity_check(encoder, before)
@@ -181,7 +214,14 @@ def main(argv=None):
               "batch_size": args.batch_size, "lr": args.lr, "effective_lr": effective_lr,
               "precompute": args.precompute,
               "final_train_loss": last_loss, "encoder_unchanged": True, "seconds": round(time.time() - t0, 1)}
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    free = unused_path(out)
+    if free != out:
+        print(f"# {out} holds an earlier result, kept; this one goes to {free.name}")
+    with common.writing(free):
+        free.parent.mkdir(parents=True, exist_ok=True)
+        with open(free, "x") as f:  # "x": never replaces a file, even one written meanwhile
+            f.write(json.dumps(result, indent=2) + "\n")
+    out = free
     print(f"top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  knn_top1 {knn_top1:.2f}  -> {out}")
     return 0
 

@@ -60,6 +60,7 @@ def build_parser():
                         "preset, 0.5 for CIFAR/STL-10 as SimCLR App. B.9, 1.0 for ImageNet)")
     g.add_argument("--proj-dim", type=int, default=128, help="projection width; the hidden width is the encoder's "
                    "feature size (SimCLR Section 2.1)")
+    p.numbers.update(temperature="finite positive float", proj_dim="positive int")
     return p
 
 

@@ -65,7 +65,9 @@ def test_linear_eval_on_byol_checkpoint(cifar_run, mode):
     out, _ = cifar_run
     proc = check_ok(run_script("linear_eval.py", "--checkpoint", out / "last.pt", "--epochs", "2", "--workers", "0",
                                *mode))
-    res = json.loads((out / "linear_eval_test.json").read_text())
+    written = proc.stdout.strip().splitlines()[-1].split(" -> ")[-1]  # linear_eval_test.json, -2, -3: none replaced
+    assert written.startswith(str(out / "linear_eval_test")) and written.endswith(".json")
+    res = json.loads(open(written).read())
     assert res["encoder_unchanged"] and res["method"] == "byol" and res["precompute"] == ("--precompute" in mode)
     assert 0 <= res["top1"] <= res["top5"] <= 100 and 0 <= res["knn_top1"] <= 100
     assert f"top1 {res['top1']:.2f}" in proc.stdout
@@ -137,7 +139,7 @@ def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
     ("byol_uniformity.py", ["--unif-on", "predictor"], "invalid choice: 'predictor'"),
     ("simclr.py", ["--jitter-strength", "1.5"], "--jitter-strength must be between 0 and 1.25"),
     ("simclr.py", ["--jitter-strength", "-0.1"], "--jitter-strength must be between 0 and 1.25"),
-    ("byol.py", ["--analysis-samples", "-1"], "--analysis-samples must be >= 0"),
+    ("byol.py", ["--analysis-samples", "-1"], "--analysis-samples must be 0 (off) or an integer >= 2"),
 ])
 def test_bad_method_flags(script, flags, text, tmp_path):
     check_one_line_error(run_script(script, *flags, "--out-dir", tmp_path / "run"), text)

@@ -98,6 +98,8 @@ def end_workers():
 # to them, e.g. in a method file's build_parser:
 #     g.add_argument("--temperature", type=float, default=None, help=...)
 #     p.numbers["temperature"] = "finite positive float"
+# or, for a range only one method has, a (test, what it must be) pair instead of a kind's name:
+#     p.numbers["jitter_strength"] = (lambda v: 0 <= v <= 1.25, "between 0 and 1.25")
 # A flag left at None (filled later from a preset) is not checked; presets are ours and trusted.
 NUMBER_KINDS = {  # kind -> (test, what the flag must be)
     "positive int": (lambda v: v >= 1, "a positive integer"),
@@ -121,10 +123,11 @@ NUMBERS = {
 
 
 def check_numbers(args, kinds):
-    """UserError naming the first flag whose value is not of its kind ({dest: kind of NUMBER_KINDS})."""
+    """UserError naming the first flag whose value is not of its kind ({dest: name of a NUMBER_KINDS kind, or a
+    (test, what) pair})."""
     for name, kind in kinds.items():
         value = getattr(args, name, None)
-        test, what = NUMBER_KINDS[kind]
+        test, what = NUMBER_KINDS[kind] if isinstance(kind, str) else kind
         if value is not None and not test(value):
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
 
@@ -292,8 +295,8 @@ def given_flags(parser, argv):
 
 
 def resume_settings(parser, argv, args, method):
-    """The settings of the run being resumed. --device, --workers, --data-dir, --sync-bn may change; --epochs N extends (or
-    shortens) the run to N epochs: from the resumed step on, the LR cosine and the EMA tau schedule are those of an
+    """The settings of the run being resumed. --device, --workers, --data-dir and --sync-bn may change; --epochs N
+    extends the run to N epochs: from the resumed step on, the LR cosine and the EMA tau schedule are those of an
     N-epoch run (the steps already taken keep theirs), so extending a finished run raises the LR again from the end
     of its old cosine to the N-epoch cosine's value at that step. Any other flag is refused."""
     path = checkpoint_path(args.resume)
@@ -1358,8 +1361,8 @@ def load_weights(module, state, path):
         module.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise UserError(f"{path} is inconsistent: it holds a model of another shape than this version builds from "
-                        f"its settings: {lines[-1] if lines else type(e).__name__}") from e
+        raise UserError(f"{path} is inconsistent with its settings: it holds a model of another shape than this "
+                        f"version builds: {lines[-1] if lines else type(e).__name__}") from e
 
 
 def save_json(obj, path):

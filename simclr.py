@@ -60,7 +60,9 @@ def build_parser():
                         "preset, 0.5 for CIFAR/STL-10 as SimCLR App. B.9, 1.0 for ImageNet)")
     g.add_argument("--proj-dim", type=int, default=128, help="projection width; the hidden width is the encoder's "
                    "feature size (SimCLR Section 2.1)")
-    p.numbers.update(temperature="finite positive float", proj_dim="positive int")
+    p.numbers.update(temperature="finite positive float", proj_dim="positive int",
+                     # brightness and contrast factors 1 +- 0.8 s must stay >= 0
+                     jitter_strength=(lambda v: 0 <= v <= 1.25, "between 0 and 1.25"))
     return p
 
 
@@ -137,10 +139,7 @@ def train(args, model=None):
 
 
 def parse_args(argv=None):
-    args = common.parse_args(build_parser(), argv, PRESETS, "simclr")
-    if not 0 <= args.jitter_strength <= 1.25:  # brightness and contrast factors 1 +- 0.8 s must stay >= 0
-        raise common.UserError(f"--jitter-strength must be between 0 and 1.25, got {args.jitter_strength}")
-    return args
+    return common.parse_args(build_parser(), argv, PRESETS, "simclr")
 
 
 def main(argv=None):

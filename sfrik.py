@@ -70,6 +70,7 @@ def build_parser():
     g.add_argument("--mmd-weight", type=float, default=1.0, help="lambda_mmd (official recipes)")
     g.add_argument("--legendre-weights", type=common.legendre_weights, default=common.LEGENDRE_WEIGHTS,
                    metavar="B1,B2,...", help="b_l >= 0 of psi = sum_l b_l P_l (official recipes: 1,40,40)")
+    p.numbers.update(inv_weight="finite float", mmd_weight="finite float")  # checked as common.NUMBERS' flags
     return p
 
 

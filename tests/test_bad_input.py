@@ -12,11 +12,12 @@ import byol_mhe
 import byol_uniformity
 import common
 import linear_eval
+import sfrik
 import simclr
 from conftest import TinyEncoder, run_script, write_folder
 
 SCRIPTS = {"byol": byol, "byol_mhe": byol_mhe, "byol_uniformity": byol_uniformity, "simclr": simclr,
-           "linear_eval": linear_eval}
+           "sfrik": sfrik, "linear_eval": linear_eval}
 
 
 def run_main(script, argv, capsys):
@@ -86,6 +87,9 @@ def torchvision_cifar():
     ("byol_uniformity", ["--unif-weight", "inf"], "--unif-weight must be a finite number"),
     ("byol_mhe", ["--mhe-weight", "nan"], "--mhe-weight must be a finite number"),
     ("simclr", ["--temperature", "-0.5"], "--temperature must be a finite number > 0"),
+    ("simclr", ["--jitter-strength", "2"], "--jitter-strength must be between 0 and 1.25"),
+    ("sfrik", ["--inv-weight", "nan"], "--inv-weight must be a finite number"),
+    ("sfrik", ["--mmd-weight", "inf"], "--mmd-weight must be a finite number"),
     ("linear_eval", ["--workers", "-1"], "--workers must be an integer >= 0"),
     ("linear_eval", ["--lr", "nan"], "--lr must be a finite number > 0"),
     ("linear_eval", ["--momentum", "2"], "--momentum must be a number in [0, 1]"),

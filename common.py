@@ -1,8 +1,8 @@
 """What every method of the paper needs, written once.
 
 Durrant & Leontidis, "Hyperspherically Regularized Networks for Self-Supervision" (2022). The method files
-(byol.py, byol_uniformity.py, byol_mhe.py, simclr.py, sfrik.py) import this module and add only their own model
-and loss.
+(byol.py, byol_uniformity.py, byol_mhe.py, simclr.py, sfrik.py, msbreg.py) import this module and add only their
+own model and loss.
 
 Sections, in the order the paper introduces them:
   errors and the command line    one-line errors, the shared flags and the kinds of their numbers (NUMBERS), presets
@@ -15,6 +15,7 @@ Sections, in the order the paper introduces them:
   evaluation                     weighted k-NN monitor; uniformity (Eq. 2), SFRIK's Legendre MMD to the uniform
                                  law, alignment (Eq. A.1), hyperspherical energy (Eq. 5, A.3) and the paper's
                                  uniformity analysis (Figs. 4, 5)
+  device                         CUDA or CPU, bf16 autocast and channels_last on CUDA
   checkpoints                    atomic, resumable, readable with weights_only=True; a full disk keeps the last one
   many processes                 torchrun: join the group, gather with gradients, average gradients, BatchNorm
                                  over the global batch, rank 0 alone writes
@@ -1463,7 +1464,20 @@ def gather(x):
     terms. Gradients flow back to each process's own rows (torch.distributed.nn's all_gather). x in one process."""
     if world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x))
+    return torch.cat([_ContiguousGrad.apply(part) for part in dist_nn.all_gather(x)])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands a contiguous gradient to all_gather's backward: its gloo reduction reads
+    the gradient's memory as laid out, so the slice of a transposed gradient came back wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def average_gradients(params):

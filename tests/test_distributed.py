@@ -68,6 +68,10 @@ def _losses(x1, x2, images, lin, bn, gathered):
     return uni, nce, sfr, per_sample
 
 
+def _gather_weights():
+    return torch.linspace(-1, 1, 2 * 8 * 5).view(2, 8, 5)
+
+
 def _gathered_maths(rank, out):
     common.init_distributed("cpu")
     x1, x2, images = (t.chunk(WORLD)[rank].clone().requires_grad_() for t in _global_batch())
@@ -78,7 +82,10 @@ def _gathered_maths(rank, out):
     (uni + nce + sfr + per_sample).backward()
     params = list(lin.parameters()) + list(bn.parameters())
     common.average_gradients(params)
-    torch.save({"uni": uni.detach(), "nce": nce.detach(), "sfr": sfr.detach(), "per_sample": per_sample.detach(),
+    # a gradient that reaches the gather non-contiguous (here transposed) still goes back to the right rows
+    pairs = torch.stack([x1, x2], dim=1).detach().requires_grad_()                   # (B / W, 2, 5)
+    (common.gather(pairs).transpose(0, 1) * _gather_weights()).sum().backward()     # (2, B, 5) weights
+    torch.save({"gather_grad": pairs.grad, "uni": uni.detach(), "nce": nce.detach(), "sfr": sfr.detach(), "per_sample": per_sample.detach(),
                 "param_grads": [p.grad for p in params], "row_grads": [x1.grad, x2.grad, images.grad],
                 "bn_state": bn.state_dict()}, out / f"maths{rank}.pt")
 
@@ -95,6 +102,8 @@ def test_gathered_terms_and_global_batchnorm_equal_the_concatenated_batch(two_pr
     params = list(lin.parameters()) + list(bn.parameters())
     results = [torch.load(two_processes / f"maths{r}.pt") for r in range(WORLD)]
     for r, res in enumerate(results):
+        want = WORLD * _gather_weights().transpose(0, 1).chunk(WORLD)[r]   # every process's loss, summed back
+        assert torch.allclose(res["gather_grad"], want, atol=1e-6)
         assert torch.allclose(res["uni"], uni, atol=1e-6) and torch.allclose(res["nce"], nce, atol=1e-6)
         assert torch.allclose(res["sfr"], sfr, atol=1e-5)
         for got, want in zip(res["param_grads"], params):

@@ -11,7 +11,6 @@ each formula below is our reading of a sentence of the paper, and M and the two 
 (each a flag). The model, EMA target, presets and training are byol.py's; this file adds the M views, the three
 loss terms and their flags. With M = 2 and both weights 0 the objective is BYOL's.
 """
-import math
 import sys
 
 import torch
@@ -46,6 +45,8 @@ def build_parser():
                    help="lambda_S of the singular value loss (ours, untuned)")
     g.add_argument("--brownian-weight", type=float, default=BROWNIAN_WEIGHT,
                    help="lambda_B of the Brownian diffusive loss (ours, untuned)")
+    p.numbers.update(views=(lambda m: m >= 2, "at least 2 (each view is pulled to the centroid of the others)"),
+                     sv_weight="finite float", brownian_weight="finite float")  # checked as common.NUMBERS' flags
     return p
 
 
@@ -174,14 +175,7 @@ def train(args, model=None):
 
 
 def parse_args(argv=None):
-    args = byol.parse_args(argv, build_parser(), method="msbreg")
-    if args.views < 2:
-        raise common.UserError(f"--views must be at least 2 (each view is pulled to the centroid of the others), "
-                               f"got {args.views}")
-    for name in ("sv_weight", "brownian_weight"):
-        if not math.isfinite(getattr(args, name)):
-            raise common.UserError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
-    return args
+    return byol.parse_args(argv, build_parser(), method="msbreg")
 
 
 def main(argv=None):

@@ -3,7 +3,6 @@ a 2-process run equal to the 1-process run with the same global batch, a stop si
 with another number of processes, torchrun end to end, and the bad input."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import msbreg
 import sfrik
 import simclr
 from conftest import RUNNER, ROOT, TinyEncoder
+from test_training import signal_at
 
 WORLD = 2
 
@@ -168,18 +168,6 @@ RUNS = {  # name: (method, flags)
     "byol_sync_bn": ("byol", ["--batch-size", "20", "--accum-steps", "2"]),
     "simclr_sync_bn": ("simclr", ["--sync-bn"]),
 }
-
-
-def signal_at(loss_call, signum=signal.SIGTERM):
-    """An extra term that sends this process `signum` during the given micro-batch (cluster pre-emption)."""
-    count = {"n": 0}
-
-    def extra(model, out):
-        count["n"] += 1
-        if count["n"] == loss_call:
-            os.kill(os.getpid(), signum)
-        return {}
-    return extra
 
 
 def _two_processes(rank, cifar_dir, out):

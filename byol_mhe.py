@@ -10,7 +10,6 @@ The energy of one layer, Eq. 5 / Eq. A.3 with the 1 / (N (N - 1)) of Eq. 7, is c
 (every run logs it, Figs. 4 and 5); this file adds Eq. 7 and its flags to byol.py.
 """
 import argparse
-import sys
 
 import byol
 import common
@@ -71,9 +70,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.mhe_weight < 0:
-        print(f"warning: --mhe-weight {args.mhe_weight} is negative: the run maximises the hyperspherical energy "
-              f"(Eq. 7), gathering the neurons instead of spreading them", file=sys.stderr)
+    common.warn_if_negative(args.mhe_weight, "--mhe-weight", "the run maximises the hyperspherical energy (Eq. 7), "
+                            "gathering the neurons instead of spreading them")
     objective = (f"{byol.OBJECTIVE} + {args.mhe_weight} * sum_j E_{args.pow}(W_j) / (N_j (N_j - 1)) over the "
                  f"conv/linear layers of {'+'.join(args.mhe_on)} (Eq. 7, "
                  f"{'angular, Eq. A.3' if args.pow.startswith('a') else 'Euclidean, Eq. 5'})")

@@ -74,9 +74,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.unif_weight < 0:
-        print(f"warning: --unif-weight {args.unif_weight} is negative: the run maximises L_uniformity, pulling the "
-              f"representations together", file=sys.stderr)
+    common.warn_if_negative(args.unif_weight, "--unif-weight", "the run maximises L_uniformity, pulling the "
+                            "representations together")
     if args.accum_steps > 1:
         print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)

@@ -133,6 +133,12 @@ def check_numbers(args, kinds):
             raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
 
 
+def warn_if_negative(value, flag, effect):
+    """A negative loss weight is a legitimate experiment, but rarely meant: say what it does, on stderr."""
+    if value < 0:
+        print(f"warning: {flag} {value} is negative: {effect}", file=sys.stderr)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump), defaults shown only where they are not None, and every
     numeric flag checked against its kind: NUMBERS for the shared flags, `parser.numbers` for a script's own."""
@@ -230,7 +236,8 @@ def base_parser():
     g.add_argument("--analysis-samples", type=int, default=1024,
                    help="eval images (drawn once with a fixed seed over the whole eval split) for the uniformity "
                         "analysis logged with each k-NN evaluation as eval_uniformity, eval_alignment, "
-                        "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5); 0 turns it off")
+                        "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5) and eval_mmd_legendre (SFRIK's "
+                        "MMD); 0 turns it off")
     g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps (under "
                    "torchrun also how often the processes agree on a stop signal)")
 
@@ -1590,6 +1597,9 @@ def check_world(args, world):
     if micro % world:
         raise UserError(f"--batch-size {args.batch_size} over --accum-steps {args.accum_steps} gives micro-batches "
                         f"of {micro} images, which {world} processes cannot share equally")
+    if world > 1 and args.batchnorm and getattr(args, "sync_bn", None) is False and micro // world < 2:
+        raise UserError(f"--no-sync-bn with {world} processes gives each {micro // world} image per micro-batch: "
+                        f"BatchNorm needs at least 2 (drop --no-sync-bn, or a larger --batch-size)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1769,6 +1779,10 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
             trim_metrics(out / "metrics.jsonl", start_epoch)
             if ckpt["args"]["epochs"] != args.epochs:  # --epochs changed the plan: args.json says so
                 save_json(vars(args), out / "args.json")
+                old = out / "encoder.pt"  # the shorter run's final encoder: kept, but no longer called final
+                if old.exists():
+                    old.rename(out / f"encoder-epoch{start_epoch}.pt")
+                    print(f"# {old} of the {start_epoch}-epoch run is now {old.name[:-3]}-epoch{start_epoch}.pt")
             print(f"# resumed from {args.resume} at epoch {start_epoch}, step {step}")
     elif is_main():
         print_run(args, objective)

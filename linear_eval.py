@@ -10,6 +10,7 @@ The encoder stays in eval mode and is checked bit-identical (weights and BatchNo
 """
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def build_parser():
     g.add_argument("--knn-t", type=float, default=0.1, help="weighted k-NN temperature (Table 1: 0.07)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--workers", type=int, default=8)
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=None, help="JSON result file (default: next to the checkpoint); if it exists, "
                    "the result goes to <name>-2.json, -3, ...")

@@ -180,6 +180,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.warn_if_negative(args.sv_weight, "--sv-weight", "the run shrinks the singular values, pulling the "
+                            "embeddings of a view onto fewer directions")
+    common.warn_if_negative(args.brownian_weight, "--brownian-weight", "Gaussian noise is symmetric, so this is the "
+                            "same random walk as its positive value")
     if args.accum_steps > 1:
         print(f"warning: with --accum-steps {args.accum_steps} the singular values are those of micro-batches of "
               f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)

@@ -130,10 +130,10 @@ PAPER = [
 ]
 
 # Appendix D: the linear probe of every table (80 epochs, batch 100, base LR 0.2, SGD, augmented), test split.
-PAPER_PROBE = dict(eval_split="test", epochs=80, precompute=False, batch_size=100, lr=0.2)
+PAPER_PROBE = dict(eval_split="test", epochs=80, precompute=False, batch_size=100, lr=0.2, lr_scaled=True)
 
 PROBE_NAMES = dict(eval_split="split", epochs="probe epochs", precompute="probe on", batch_size="probe batch",
-                   lr="probe base LR")
+                   lr="probe base LR", lr_scaled="probe LR")
 
 
 def known(value):
@@ -143,6 +143,8 @@ def known(value):
 def describe_probe(name, value):
     if name == "precompute":
         return "precomputed features" if value else "augmented images (crop, flip)"
+    if name == "lr_scaled":
+        return "x batch / 256" if value else "unscaled (linear_eval.py before the LR scaling)"
     return value
 
 
@@ -262,6 +264,7 @@ class Protocol:
     precompute: bool
     batch_size: int
     lr: float             # base LR as given to linear_eval.py
+    lr_scaled: bool       # trained at lr x batch / 256 (a JSON with effective_lr); older probes used lr unscaled
     knn_k: int
     knn_t: float
 
@@ -269,7 +272,7 @@ class Protocol:
         text = (f"{self.dataset + ' ' if self.dataset else ''}{self.eval_split} split; linear probe "
                 f"{known(self.epochs)} epoch{'s' * (self.epochs != 1)} on "
                 f"{describe_probe('precompute', self.precompute)}, batch {known(self.batch_size)}, "
-                f"base LR {known(self.lr)}")
+                f"base LR {known(self.lr)}{'' if self.lr_scaled else ' (unscaled)'}")
         return text + (f"; k-NN k = {known(self.knn_k)}, T = {known(self.knn_t)}" if knn else "")
 
     def differences(self, table):
@@ -328,7 +331,9 @@ def read_run(path, notes):
         notes.append(f"{path}: ignored {bad} unreadable line(s) of metrics.jsonl")
     run = Run(path, args, [rows[e] for e in sorted(rows)])
     run.last_epoch = max(rows, default=0)
-    run.finished = run.last_epoch >= args["epochs"] or (path / "encoder.pt").exists()
+    # encoder.pt is written after the last epoch's checkpoint, so a run killed between its last metrics row and
+    # that checkpoint (or extended with --resume --epochs) is not finished yet
+    run.finished = run.last_epoch >= args["epochs"] and (path / "encoder.pt").exists()
     s = settings(args)
     run.key = (args["method"], args["dataset"], args["epochs"], s if s is not None else unknown_settings(args))
     files = sorted((m.group("split"), int(m.group("n") or 1), p) for p in path.glob("linear_eval_*.json")
@@ -358,7 +363,8 @@ def protocol_of(result, train_dataset):
     dataset = result.get("dataset", train_dataset)
     return Protocol(dataset="" if dataset == train_dataset else dataset, eval_split=result["eval_split"],
                     epochs=result.get("epochs"), precompute=bool(result.get("precompute", False)),
-                    batch_size=result.get("batch_size"), lr=result.get("lr"), knn_k=result.get("knn_k"),
+                    batch_size=result.get("batch_size"), lr=result.get("lr"),
+                    lr_scaled="effective_lr" in result, knn_k=result.get("knn_k"),
                     knn_t=result.get("knn_t"))
 
 

@@ -156,7 +156,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    common.warn_if_negative(args.inv_weight, "--inv-weight", "the run pushes the two views of each image apart")
+    common.warn_if_negative(args.mmd_weight, "--mmd-weight", "the run maximises the MMD to the uniform law, "
+                            "pulling the embeddings together")
+    return train(args)
 
 
 if __name__ == "__main__":

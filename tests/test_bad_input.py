@@ -12,12 +12,13 @@ import byol_mhe
 import byol_uniformity
 import common
 import linear_eval
+import msbreg
 import sfrik
 import simclr
 from conftest import TinyEncoder, run_script, write_folder
 
 SCRIPTS = {"byol": byol, "byol_mhe": byol_mhe, "byol_uniformity": byol_uniformity, "simclr": simclr,
-           "sfrik": sfrik, "linear_eval": linear_eval}
+           "sfrik": sfrik, "msbreg": msbreg, "linear_eval": linear_eval}
 
 
 def run_main(script, argv, capsys):
@@ -111,7 +112,11 @@ def test_script_prints_one_line_for_a_bad_number(tmp_path):
 
 
 @pytest.mark.parametrize("script,flag,term", [("byol_mhe", "--mhe-weight", "maximises the hyperspherical energy"),
-                                              ("byol_uniformity", "--unif-weight", "maximises L_uniformity")])
+                                              ("byol_uniformity", "--unif-weight", "maximises L_uniformity"),
+                                              ("sfrik", "--inv-weight", "pushes the two views of each image apart"),
+                                              ("sfrik", "--mmd-weight", "maximises the MMD to the uniform law"),
+                                              ("msbreg", "--sv-weight", "shrinks the singular values"),
+                                              ("msbreg", "--brownian-weight", "same random walk")])
 def test_negative_regulariser_weight_is_warned_about(script, flag, term, tmp_path, capsys):
     # a legitimate experiment: warned, then the run goes on (here it stops at the missing dataset)
     lines = check_refused(run_main(script, [flag, "-10", "--dataset", "folder", "--data-dir", tmp_path / "none",

@@ -277,6 +277,7 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["--batch-size", "16"], "3 processes cannot share equally"),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ["--batch-size", "18", "--accum-steps", "6"], "2 processes cannot share"),
     ({}, ["--sync-bn"], "--sync-bn needs torchrun"),
+    ({"WORLD_SIZE": "4", "RANK": "0"}, ["--batch-size", "4", "--no-sync-bn"], "BatchNorm needs at least 2"),
 ])
 def test_bad_distributed_input(cifar_dir, tmp_path, monkeypatch, capsys, env, flags, text):
     """Through common.cli in this process, as the scripts run main(); the checks come before joining the process

@@ -148,12 +148,15 @@ def test_non_finite_loss_before_any_checkpoint_says_so(cifar_dir, tmp_path, no_m
 def test_resume_with_more_epochs_extends_a_finished_run(cifar_dir, tmp_path, no_md5, capsys):
     out = tmp_path / "run"
     assert byol.train(tiny_args(cifar_dir, out, "--epochs", "1"), tiny_byol()) == 0
+    first = (out / "encoder.pt").read_bytes()
     args = byol.parse_args(["--resume", str(out), "--epochs", "3", "--workers", "0"])
     assert "from step 5 on, the LR cosine and EMA tau schedule are those of a 3-epoch run" in capsys.readouterr().out
     assert byol.train(args, tiny_byol()) == 0
     ckpt = common.load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 3 and ckpt["args"]["epochs_changed"] == [[5, 1, 3]]
     assert json.loads((out / "args.json").read_text())["epochs"] == 3
+    # the 1-epoch run's final encoder is kept under its epoch; encoder.pt is the 3-epoch run's
+    assert (out / "encoder-epoch1.pt").read_bytes() == first and (out / "encoder.pt").read_bytes() != first
     r = rows(out)
     assert [x["epoch"] for x in r] == [1, 2, 3]
     warmup, peak = 10 * 5, 1.5 * 10 / 256  # the tiny run: 5 steps per epoch, still in its 10-epoch warm-up

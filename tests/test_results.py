@@ -36,11 +36,14 @@ def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_pe
                        **{f"eval_energy_{b}": 1 + k / 10 - e / 1000 + shift for k, b in enumerate(BLOCKS)})
         lines.append(json.dumps(row))
     (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    if done == args["epochs"]:
+        (folder / "encoder.pt").write_bytes(b"")  # written at the end of a run
     for i, ev in enumerate(evals):
         split = ev.pop("eval_split", "test")
         result = {"checkpoint": str(folder / "last.pt"), "method": args["method"], "dataset": args["dataset"],
                   "eval_split": split, "top5": 99.0, "knn_top1": 80.0, "knn_k": 200, "knn_t": 0.1, "epochs": 80,
                   "batch_size": 100, "lr": 0.2, "effective_lr": 0.078125, "precompute": False, **ev}
+        result = {k: v for k, v in result.items() if v is not None}  # None: a field this JSON lacks
         suffix = f"-{i + 1}" if i and any(e.get("eval_split", "test") == split for e in evals[:i]) else ""
         (folder / f"linear_eval_{split}{suffix}.json").write_text(json.dumps(result))
     return folder
@@ -220,3 +223,24 @@ def test_table_1_keeps_the_knn_protocol_and_the_latest_evaluation(tmp_path, caps
     assert "**not the paper's**: k-NN k = 200, T = 0.1 (paper: k = 20, T = 0.07)" in other
     assert table_line(other, "BYOL*").endswith("| 74.10 | 70.00 | 63.70 | 50.00 | 1 (0) |")
     assert "`python byol_mhe.py --dataset imagenet --epochs 1000 --data-dir <imagenet> --knn-k 20 --knn-t 0.07`" in t1
+
+
+def test_a_probe_from_before_the_lr_scaling_is_not_the_papers(tmp_path, capsys):
+    """A linear_eval JSON without effective_lr trained at its lr unscaled (2.56x Appendix D's at batch 100): its
+    'lr': 0.2 must not put it in the paper's column."""
+    write_run(tmp_path, "old", "byol", [], 0, evals=[{"top1": 80.0, "effective_lr": None}])
+    write_run(tmp_path, "new", "byol", [], 1, evals=[{"top1": 90.0}])
+    assert results.main([str(tmp_path)]) == 0
+    t5 = section(capsys.readouterr().out, "## Table 5")
+    ours, other = t5.split("Protocol:")[1:]
+    assert "the paper's." in ours.splitlines()[0] and table_line(ours, "no MHE (BYOL)").endswith("| 1 (1) |")
+    assert "probe LR unscaled (linear_eval.py before the LR scaling) (paper: x batch / 256)" in other
+    assert "| 80.00 |" in table_line(other, "no MHE (BYOL)")
+
+
+def test_a_run_without_its_final_encoder_is_not_finished(tmp_path, capsys):
+    """Killed after its last metrics row but before the checkpoint and encoder.pt that end it: not finished."""
+    run = write_run(tmp_path, "cut", "byol", [], 0, evals=[{"top1": 90.0}])
+    (run / "encoder.pt").unlink()
+    assert results.main([str(tmp_path)]) == 0
+    assert "| 300 / 300 |" in section(capsys.readouterr().out, "## Unfinished runs")

@@ -76,7 +76,7 @@ def frozen_encoder(args):
     else:
         ckpt = common.load_checkpoint(args.checkpoint)
         encoder, dim = common.encoder_from_checkpoint(ckpt, common.checkpoint_path(args.checkpoint))
-        trained = ckpt["args"]
+        trained = {**ckpt["args"], "checkpoint_epoch": ckpt["epoch"]}  # the epoch the encoder was saved after
     return encoder.requires_grad_(False).eval(), dim, trained
 
 
@@ -172,7 +172,9 @@ def main(argv=None):
                                                    device if on_device else None)
     t0 = time.time()
     effective_lr = common.scaled_lr(args.lr, args.batch_size)
-    print(f"# linear evaluation of {args.checkpoint or 'a random encoder'} on {dataset} ({args.eval_split}), "
+    of = "a random encoder" if args.random_init else \
+        f"{args.checkpoint} (epoch {trained['checkpoint_epoch']} of {trained['epochs']})"
+    print(f"# linear evaluation of {of} on {dataset} ({args.eval_split}), "
           f"{len(data.bank)} train / {len(data.eval)} eval images, {args.epochs} epochs, batch {args.batch_size}, "
           f"LR {args.lr} x {args.batch_size} / 256 = {effective_lr:.4g}"
           + (", precomputed features" if args.precompute else ""))
@@ -208,7 +210,8 @@ def main(argv=None):
         logits = probe(queries)
     sanity_check(encoder, before)
 
-    result = {"checkpoint": args.checkpoint, "method": trained.get("method"), "dataset": dataset,
+    result = {"checkpoint": args.checkpoint, "checkpoint_epoch": trained.get("checkpoint_epoch"),
+              "method": trained.get("method"), "dataset": dataset,
               "eval_split": args.eval_split, "top1": common.accuracy(logits, labels, 1),
               "top5": common.accuracy(logits, labels, 5),
               "knn_top1": knn_top1, "knn_k": args.knn_k, "knn_t": args.knn_t, "epochs": args.epochs,

@@ -345,6 +345,11 @@ def read_run(path, notes):
         except (OSError, ValueError, KeyError, TypeError) as e:
             notes.append(f"{p}: not a linear_eval result ({e}), ignored")
             continue
+        epoch = result.get("checkpoint_epoch")  # older results do not record it
+        if epoch is not None and epoch < args["epochs"]:
+            notes.append(f"{p}: evaluates the checkpoint of epoch {epoch} of {args['epochs']}, not the finished run; "
+                         f"ignored")
+            continue
         run.evals.pop(protocol, None)  # keep the dict in order of evaluation (result_of takes the last)
         run.evals[protocol], run.eval_files[protocol] = result, p.name
     return run

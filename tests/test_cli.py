@@ -74,6 +74,7 @@ def test_linear_eval_on_byol_checkpoint(cifar_run, mode):
     # Appendix D's ft_learning_rate 0.2 is a base LR: the probe trains at 0.2 x 100 / 256
     assert (res["lr"], res["batch_size"], res["knn_k"], res["knn_t"]) == (0.2, 100, 200, 0.1)
     assert res["effective_lr"] == pytest.approx(0.078125) and "LR 0.2 x 100 / 256 = 0.07812" in proc.stdout
+    assert res["checkpoint_epoch"] == 1 and "last.pt (epoch 1 of 1)" in proc.stdout  # which weights were evaluated
 
 
 def test_linear_eval_random_init_baseline(cifar_dir, tmp_path):

@@ -244,3 +244,12 @@ def test_a_run_without_its_final_encoder_is_not_finished(tmp_path, capsys):
     (run / "encoder.pt").unlink()
     assert results.main([str(tmp_path)]) == 0
     assert "| 300 / 300 |" in section(capsys.readouterr().out, "## Unfinished runs")
+
+
+def test_an_evaluation_of_an_earlier_epoch_is_ignored(tmp_path, capsys):
+    """linear_eval.py records the checkpoint's epoch: an evaluation made before the run finished is not its result."""
+    write_run(tmp_path, "early", "byol", [], 0, evals=[{"top1": 90.0}, {"top1": 50.0, "checkpoint_epoch": 120}])
+    assert results.main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "linear_eval_test-2.json: evaluates the checkpoint of epoch 120 of 300, not the finished run" in err
+    assert "| 90.00 |" in table_line(section(out, "## Table 5"), "no MHE (BYOL)")

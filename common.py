@@ -236,8 +236,8 @@ def base_parser():
     g.add_argument("--analysis-samples", type=int, default=1024,
                    help="eval images (drawn once with a fixed seed over the whole eval split) for the uniformity "
                         "analysis logged with each k-NN evaluation as eval_uniformity, eval_alignment, "
-                        "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5) and eval_mmd_legendre (SFRIK's "
-                        "MMD); 0 turns it off")
+                        "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5) and eval_mmd_legendre "
+                        "(SFRIK's MMD); 0 turns it off")
     g.add_argument("--log-every", type=int, default=20, help="refresh the progress bar every N steps (under "
                    "torchrun also how often the processes agree on a stop signal)")
 

@@ -85,7 +85,8 @@ def _gathered_maths(rank, out):
     # a gradient that reaches the gather non-contiguous (here transposed) still goes back to the right rows
     pairs = torch.stack([x1, x2], dim=1).detach().requires_grad_()                   # (B / W, 2, 5)
     (common.gather(pairs).transpose(0, 1) * _gather_weights()).sum().backward()     # (2, B, 5) weights
-    torch.save({"gather_grad": pairs.grad, "uni": uni.detach(), "nce": nce.detach(), "sfr": sfr.detach(), "per_sample": per_sample.detach(),
+    torch.save({"gather_grad": pairs.grad, "uni": uni.detach(), "nce": nce.detach(), "sfr": sfr.detach(),
+                "per_sample": per_sample.detach(),
                 "param_grads": [p.grad for p in params], "row_grads": [x1.grad, x2.grad, images.grad],
                 "bn_state": bn.state_dict()}, out / f"maths{rank}.pt")
 
@@ -134,10 +135,18 @@ def _msbreg_model(batchnorm):
     return msbreg.MSBReg(TinyEncoder(16, bn=batchnorm), 16, hidden_dim=32, proj_dim=8, batchnorm=batchnorm)
 
 
+def _sfrik_model(batchnorm):
+    torch.manual_seed(0)
+    return sfrik.SFRIK(TinyEncoder(16, bn=batchnorm), 16, (32, 8), batchnorm)
+
+
 def _run(method, cifar_dir, out_dir, *extra, extra_terms=None):
     """Train one of the methods with a TinyEncoder; returns (exit status, model)."""
     argv = _argv(cifar_dir, out_dir, *extra)
     batchnorm = "--no-batchnorm" not in extra
+    if method == "sfrik":  # its embedding width is the expander's last
+        model, at = _sfrik_model(batchnorm), argv.index("--proj-dim")
+        return sfrik.train(sfrik.parse_args([*argv[:at], *argv[at + 2:], "--expander", "32-8"]), model), model
     if method == "msbreg":
         model = _msbreg_model(batchnorm)
         return msbreg.train(msbreg.parse_args(argv), model), model
@@ -164,6 +173,7 @@ RUNS = {  # name: (method, flags)
                               "--augment", "per-image"]),   # DataLoader path: each process loads its part
     "simclr": ("simclr", ["--no-batchnorm"]),
     "msbreg": ("msbreg", ["--no-batchnorm"]),    # M = 4: singular values and Brownian noise of the global batch
+    "sfrik": ("sfrik", ["--no-batchnorm", "--base-lr", "1"]),  # the gathered MMD; LR 1 (20 makes its steps chaotic)
     # BatchNorm everywhere, --sync-bn on by default under torchrun; with accumulation: micro-batches of 5 + 5
     "byol_sync_bn": ("byol", ["--batch-size", "20", "--accum-steps", "2"]),
     "simclr_sync_bn": ("simclr", ["--sync-bn"]),
@@ -222,7 +232,8 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
     rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
     want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["step"] == want_rows[0]["step"]
-    for key in ("loss", "byol", "uniformity", "mhe", "centroid", "sv", "brownian"):  # logged: the global batch's
+    logged = ("loss", "byol", "uniformity", "mhe", "centroid", "sv", "brownian", "invariance", "mmd")
+    for key in logged:  # logged: the global batch's
         if key in want_rows[0]:
             assert rows[0][key] == pytest.approx(want_rows[0][key], rel=1e-4, abs=1e-6), key
 
@@ -234,6 +245,8 @@ def _initial(method, flags):
                              "--no-batchnorm" not in flags).state_dict()
     if method == "msbreg":
         return _msbreg_model("--no-batchnorm" not in flags).state_dict()
+    if method == "sfrik":
+        return _sfrik_model("--no-batchnorm" not in flags).state_dict()
     return _byol_model("--no-batchnorm" not in flags).state_dict()
 
 

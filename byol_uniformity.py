@@ -11,7 +11,6 @@ Eq. 2 is the Gaussian-kernel member of the family of rotation-invariant kernels 
 Paper: 91.48 % CIFAR-10 top-1 for ResNet-18 / 300 epochs (Table 5), 94.84 % for ResNet-50 / 1000 epochs (Table 3).
 Everything else (model, presets, training) is byol.py's; this file adds only Eq. 4 and its flags.
 """
-import sys
 
 import byol
 import common
@@ -76,9 +75,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.warn_if_negative(args.unif_weight, "--unif-weight", "the run maximises L_uniformity, pulling the "
                             "representations together")
-    if args.accum_steps > 1:
-        print(f"warning: with --accum-steps {args.accum_steps} the uniformity pairs come from micro-batches of "
-              f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)
+    common.warn_micro_batches(args, "the uniformity pairs come from")
     on = "online projections z" if args.unif_on == "projector" else "online encoder features h"
     if args.uniformity == "legendre":
         b = ", ".join(f"{w:g}" for w in args.legendre_weights)

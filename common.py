@@ -139,6 +139,14 @@ def warn_if_negative(value, flag, effect):
         print(f"warning: {flag} {value} is negative: {effect}", file=sys.stderr)
 
 
+def warn_micro_batches(args, what):
+    """--accum-steps N splits a batch-wide term (negatives, uniformity pairs, MMD, singular values) into micro-batches
+    of batch/N images (Section 5.1): say so, on stderr. `what` ends in the words before 'micro-batches'."""
+    if args.accum_steps > 1:
+        print(f"warning: with --accum-steps {args.accum_steps} {what} micro-batches of "
+              f"{args.batch_size // args.accum_steps} images, not {args.batch_size} (Section 5.1)", file=sys.stderr)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump), defaults shown only where they are not None, and every
     numeric flag checked against its kind: NUMBERS for the shared flags, `parser.numbers` for a script's own."""

@@ -11,7 +11,6 @@ each formula below is our reading of a sentence of the paper, and M and the two 
 (each a flag). The model, EMA target, presets and training are byol.py's; this file adds the M views, the three
 loss terms and their flags. With M = 2 and both weights 0 the objective is BYOL's.
 """
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -184,9 +183,7 @@ def main(argv=None):
                             "embeddings of a view onto fewer directions")
     common.warn_if_negative(args.brownian_weight, "--brownian-weight", "Gaussian noise is symmetric, so this is the "
                             "same random walk as its positive value")
-    if args.accum_steps > 1:
-        print(f"warning: with --accum-steps {args.accum_steps} the singular values are those of micro-batches of "
-              f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)
+    common.warn_micro_batches(args, "the singular values are those of")
     return train(args)
 
 

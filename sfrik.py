@@ -11,7 +11,6 @@ The recipes are those of the official code (valeoai/sfrik, built on VICReg's); C
 choice. The MMD itself, common.mmd_to_uniform, lives in common.py because every run's uniformity analysis logs it.
 """
 import argparse
-import sys
 
 import torch
 import torch.nn as nn
@@ -141,9 +140,7 @@ def loss_terms(args):
 def train(args, model=None):
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
-    if args.accum_steps > 1:
-        print(f"warning: with --accum-steps {args.accum_steps} the MMD covers micro-batches of "
-              f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)
+    common.warn_micro_batches(args, "the MMD covers")
 
     b = ", ".join(f"{w:g}" for w in args.legendre_weights)
     objective = (f"L = {args.inv_weight:g} * mean ||z1/|z1| - z2/|z2|||^2 / q + {args.mmd_weight:g} * (M(Z1) + M(Z2)) "

@@ -8,10 +8,9 @@ Paper (its reproduction, SimCLR*): 93.81 / 70.98 / 82.40 % top-1 on CIFAR-10 / C
 1000 epochs (Table 3). The paper does not give its SimCLR* settings: we use SimCLR's own CIFAR recipe (SimCLR
 Appendix B.9 and its official CIFAR-10 command: temperature 0.5, LR 1.0 x batch/256, colour distortion strength
 0.5, no blur; weight decay 1e-6, the ImageNet value that B.9 keeps for CIFAR, where that command gives 1e-4) at the
-BYOL family's batch size and epochs, SimCLR's ImageNet recipe
-(temperature 0.1, LR 0.3, batch 4096, strength 1.0), and SimCLR's projection head (BatchNorm on every layer).
+BYOL family's batch size and epochs, SimCLR's ImageNet recipe (temperature 0.1, LR 0.3, batch 4096, strength 1.0),
+and SimCLR's projection head (BatchNorm on every layer).
 """
-import sys
 
 import torch
 import torch.nn as nn
@@ -126,9 +125,7 @@ def build_model(args, encoder=None, feature_dim=None):
 def train(args, model=None):
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
-    if args.accum_steps > 1:
-        print(f"warning: with --accum-steps {args.accum_steps} the negatives come from micro-batches of "
-              f"{args.batch_size // args.accum_steps} images, not {args.batch_size}", file=sys.stderr)
+    common.warn_micro_batches(args, "the negatives come from")
 
     def loss_fn(model, x1, x2):
         z1, z2 = model(x1, x2)  # under torchrun the negatives are the global micro-batch's, gradients included

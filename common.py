@@ -838,9 +838,7 @@ def batched_view(images, dataset, size, blur_p, solarize_p, jitter=JITTER, jitte
     """One augmented view of every uint8 image (n, 3, H, W) on its device, each image with its own parameters drawn
     from generator g; `*view` of a view specification (see ssl_augmentation) fills blur_p, solarize_p, jitter,
     jitter_p."""
-    p = view_params(images.shape[0], images.shape[-2], images.shape[-1], blur_p, solarize_p, g, images.device, jitter,
-                    jitter_p)
-    return apply_view(images, p, dataset, size)
+    return share_view(images, images.shape[0], slice(None), dataset, size, blur_p, solarize_p, jitter, jitter_p, g=g)
 
 
 def share_view(images, n, rows, dataset, size, blur_p, solarize_p, jitter=JITTER, jitter_p=JITTER_P, *, g):
@@ -1326,12 +1324,17 @@ def tensor_bytes(obj):
     return 0
 
 
+def nearest_existing(path):
+    """`path` if it exists, else its nearest existing parent."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def free_space(folder):
     """Bytes free on the file system of `folder` (or of its nearest existing parent)."""
-    folder = Path(folder).absolute()
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return shutil.disk_usage(folder).free
+    return shutil.disk_usage(nearest_existing(folder)).free
 
 
 @contextlib.contextmanager
@@ -1381,13 +1384,17 @@ def load_weights(module, state, path):
                         f"version builds: {lines[-1] if lines else type(e).__name__}") from e
 
 
-def save_json(obj, path):
-    """A small JSON file (args.json), written atomically."""
+def write_text_atomic(path, text):
+    """A small text file (args.json, metrics.jsonl) replaced atomically: a temporary file, then a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with writing(path):
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
+
+
+def save_json(obj, path):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def rng_states(device):
@@ -1672,10 +1679,7 @@ class StopSignal:
 def check_writable(path, what):
     """UserError unless `path` (a file or folder, existing or not) can be written, checked before any work: its
     nearest existing folder must be a folder and writable (os.access also sees a read-only file system)."""
-    path = Path(path)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    path, existing = Path(path), nearest_existing(path)
     if not existing.is_dir():
         raise UserError(f"{what} {path} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -1712,10 +1716,7 @@ def trim_metrics(path, epochs_done):
         with contextlib.suppress(ValueError):
             if json.loads(line).get("epoch", math.inf) <= epochs_done:
                 keep.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+    write_text_atomic(path, "".join(keep))
 
 
 def append_metrics(path, row):
@@ -1819,8 +1820,12 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
             return f"no checkpoint was written yet ({out} holds no last.pt)"
         return f"the last checkpoint {out / 'last.pt'} (step {saved[1]}) is intact; continue with --resume {out}"
 
-    def failed(e):  # a write failed: say what is on disk, exit with the signal's status when one was being handled
-        return UserError(f"{e}; {on_disk()}", exit_code=128 + stop.signum if stop.signum else e.exit_code)
+    @contextlib.contextmanager
+    def saving():  # a write failed: say what is on disk, exit with the signal's status when one was being handled
+        try:
+            yield
+        except UserError as e:
+            raise UserError(f"{e}; {on_disk()}", exit_code=128 + stop.signum if stop.signum else e.exit_code) from None
 
     def checkpoint(epoch, partial_epoch=None):
         nonlocal saved
@@ -1830,10 +1835,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                      "rng": rng_states(device), "args": vars(args), "argv": sys.argv}
             if partial_epoch:
                 state["partial_epoch"] = partial_epoch
-            try:
+            with saving():
                 save_atomic(state, out / "last.pt")
-            except UserError as e:
-                raise failed(e) from None
         saved = (epoch, step)
 
     def check_finite(loss_sum, where):
@@ -1909,10 +1912,8 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                                                            on_device))
                 row["eval_seconds"] = round(time.time() - t1, 3)
             if is_main():  # the row first: a kill between the two leaves a row the resume writes again, never a gap
-                try:
+                with saving():
                     append_metrics(out / "metrics.jsonl", row)
-                except UserError as e:
-                    raise failed(e) from None
             checkpoint(epoch + 1)
             if is_main():
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
@@ -1920,9 +1921,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
             if signum:
                 return stopped(signum)
     if is_main():
-        try:
+        with saving():
             save_atomic(encoder_state(model), out / "encoder.pt")
-        except UserError as e:
-            raise failed(e) from None
         print(f"done: {out / 'last.pt'} (full run), {out / 'encoder.pt'} (torchvision ResNet weights)")
     return 0

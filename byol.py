@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import loop
+from support import cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: presets[dataset][epochs], the first row per dataset is its default. Any flag overrides them.
@@ -46,14 +48,12 @@ VIEWS = ((1.0, 0.0), (0.1, 0.2))
 
 
 def build_parser(description=__doc__):
-    """BYOL's flags on top of common.base_parser(); byol_uniformity.py and byol_mhe.py add theirs to this."""
-    p = common.Parser(description=description, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
-                      epilog=common.preset_epilog(PRESETS, "Appendix B.2"))
+    """BYOL's flags on top of the shared ones; byol_uniformity.py and byol_mhe.py add theirs to this."""
+    p = cli.method_parser(description, PRESETS, "Appendix B.2")
     g = p.add_argument_group("BYOL (Section 3.3, Section 3.6)")
-    g.add_argument("--tau-base", type=float, default=None, help="EMA tau_base, raised to 1 by a cosine (Appendix B.2)")
-    g.add_argument("--hidden-dim", type=int, default=4096, help="MLP hidden width of g and q (Section 3.6)")
-    g.add_argument("--proj-dim", type=int, default=256, help="projection width (Section 3.6)")
-    p.numbers.update(tau_base="in [0, 1]", hidden_dim="positive int", proj_dim="positive int")
+    g.add_argument("--tau-base", type=cli.unit_interval, default=None, help="EMA tau_base, raised to 1 by a cosine (Appendix B.2)")
+    g.add_argument("--hidden-dim", type=cli.positive_int, default=4096, help="MLP hidden width of g and q (Section 3.6)")
+    g.add_argument("--proj-dim", type=cli.positive_int, default=256, help="projection width (Section 3.6)")
     return p
 
 
@@ -132,7 +132,7 @@ def build_model(args, encoder=None, feature_dim=None):
 
 
 def ema_step(args):
-    """common.pretrain's after_step: the EMA moves once per optimizer step, never per micro-batch."""
+    """loop.pretrain's after_step: the EMA moves once per optimizer step, never per micro-batch."""
     def after_step(model, step, total_steps):
         tau = common.ema_tau(step, total_steps, args.tau_base)
         model.update_target(tau)
@@ -141,15 +141,15 @@ def ema_step(args):
 
 
 def train(args, model=None, extra_terms=None, objective=OBJECTIVE):
-    """Pre-train BYOL (plus the variants' `extra_terms`); returns common.pretrain's exit status."""
+    """Pre-train BYOL (plus the variants' `extra_terms`); returns loop.pretrain's exit status."""
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
-    return common.pretrain(args, model, lambda m, x1, x2: loss_terms(m, x1, x2, extra_terms),
+    return loop.pretrain(args, model, lambda m, x1, x2: loss_terms(m, x1, x2, extra_terms),
                            views=VIEWS, after_step=ema_step(args), objective=objective)
 
 
 def parse_args(argv=None, parser=None, method="byol"):
-    return common.parse_args(parser or build_parser(), argv, PRESETS, method)
+    return cli.parse_args(parser or build_parser(), argv, PRESETS, method)
 
 
 def main(argv=None):

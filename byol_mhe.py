@@ -13,6 +13,7 @@ import argparse
 
 import byol
 import common
+from support import cli
 
 # Appendix C.1: lambda_MHE = 10 "for all MHE regularization" (CIFAR, and we take it for STL-10); Appendix D's ImageNet
 # configuration (reg_weight=1): 1. Section 4 also says 1, next to lambda_uni = 0.125 (a CIFAR/STL-10 setting, Table 3):
@@ -35,14 +36,13 @@ def build_parser():
     g.add_argument("--pow", default="a2", choices=common.MHE_POWERS,
                    help="s of the Riesz kernel: 0/1/2 Euclidean (Eq. 5), a0/a1/a2 angular (Eq. A.3); a2 per "
                         "Appendix C.2")
-    g.add_argument("--mhe-weight", type=float, default=None,
+    g.add_argument("--mhe-weight", type=cli.finite_float, default=None,
                    help="lambda_MHE (default: 10 for CIFAR/STL-10, Appendix C.1; 1 for ImageNet, Appendix D's "
                         "reg_weight; Section 4 gives 1 with MHE on encoder, projector and predictor in the sentence "
                         "that sets lambda_uni for Table 3, the alternative reading for CIFAR/STL-10)")
     g.add_argument("--mhe-on", type=subnetworks, default="projector,predictor",
                    help="sub-networks whose conv/linear weights are regularised (Table 5); default per Appendix B.1 "
                         "and D")
-    p.numbers["mhe_weight"] = "finite float"  # a negative weight is an experiment, warned about in main
     return p
 
 
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.warn_if_negative(args.mhe_weight, "--mhe-weight", "the run maximises the hyperspherical energy (Eq. 7), "
+    cli.warn_if_negative(args.mhe_weight, "--mhe-weight", "the run maximises the hyperspherical energy (Eq. 7), "
                             "gathering the neurons instead of spreading them")
     objective = (f"{byol.OBJECTIVE} + {args.mhe_weight} * sum_j E_{args.pow}(W_j) / (N_j (N_j - 1)) over the "
                  f"conv/linear layers of {'+'.join(args.mhe_on)} (Eq. 7, "

@@ -14,13 +14,14 @@ Everything else (model, presets, training) is byol.py's; this file adds only Eq.
 
 import byol
 import common
+from support import cli
 
 
 def build_parser():
     p = byol.build_parser(__doc__)
     g = p.add_argument_group("uniformity (Section 3.4, Eq. 4)")
-    g.add_argument("--unif-weight", type=float, default=0.125, help="lambda_uni (Section 4)")
-    g.add_argument("--unif-t", type=float, default=2.0, help="t of the Gaussian potential (Section 3.4)")
+    g.add_argument("--unif-weight", type=cli.finite_float, default=0.125, help="lambda_uni (Section 4)")
+    g.add_argument("--unif-t", type=cli.positive_float, default=2.0, help="t of the Gaussian potential (Section 3.4)")
     g.add_argument("--unif-on", default="projector", choices=("projector", "encoder"),
                    help="where L_uni acts: the online projections g_theta(f_theta(x)) (Section 3.4: 'online "
                         "projections') or the encoder features f_theta(x) (Table 5 and Appendix B.1 call the "
@@ -28,9 +29,8 @@ def build_parser():
     g.add_argument("--uniformity", default="gaussian", choices=("gaussian", "legendre"),
                    help="gaussian: Eq. 2; legendre: SFRIK's MMD to the uniform law (common.mmd_to_uniform), weighted "
                         "by the same --unif-weight (our choice, not tuned)")
-    g.add_argument("--legendre-weights", type=common.legendre_weights, default=None, metavar="B1,B2,...",
+    g.add_argument("--legendre-weights", type=cli.legendre_weights, default=None, metavar="B1,B2,...",
                    help="with --uniformity legendre: b_l >= 0 of psi = sum_l b_l P_l (default: SFRIK's 1,40,40)")
-    p.numbers.update(unif_weight="finite float", unif_t="finite positive float")  # a negative weight: warned below
     return p
 
 
@@ -73,9 +73,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.warn_if_negative(args.unif_weight, "--unif-weight", "the run maximises L_uniformity, pulling the "
+    cli.warn_if_negative(args.unif_weight, "--unif-weight", "the run maximises L_uniformity, pulling the "
                             "representations together")
-    common.warn_micro_batches(args, "the uniformity pairs come from")
+    cli.warn_micro_batches(args, "the uniformity pairs come from")
     on = "online projections z" if args.unif_on == "projector" else "online encoder features h"
     if args.uniformity == "legendre":
         b = ", ".join(f"{w:g}" for w in args.legendre_weights)

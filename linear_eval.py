@@ -10,7 +10,6 @@ The encoder stays in eval mode and is checked bit-identical (weights and BatchNo
 """
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -21,46 +20,34 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import common
+from support import batched_views, cli, runs
+from support.errors import out_of_memory
 
 
 def build_parser():
-    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter,
+                   parents=[cli.data_parent(), cli.run_parent()],
+                   epilog="--dataset, --data-dir and --image-size default to the checkpoint's (with --random-init: "
+                          "--dataset is required, the others are the dataset's)")
+    p.set_defaults(dataset=None, data_dir=None)  # the checkpoint's
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="last.pt of any method (or its run folder)")
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder")
-    p.add_argument("--dataset", choices=common.DATASET_NAMES, default=None,
-                   help="default: the checkpoint's (required with --random-init)")
     p.add_argument("--arch", choices=tuple(common.ARCHS), default="resnet18", help="with --random-init only")
     p.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto", help="with --random-init only")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's / the dataset's")
-    p.add_argument("--data-dir", default=None, help="default: the checkpoint's")
-    p.add_argument("--subset", type=int, default=None, metavar="N",
-                   help="use only the first N images of each split: a quick smoke run, not a result")
-    p.add_argument("--eval-split", default="test", choices=("val", "test"),
-                   help="val: held-out split of Appendix B.4 (tuning); test: official test split (reporting)")
     g = p.add_argument_group("linear probe (Appendix D)")
-    g.add_argument("--epochs", type=int, default=80, help="ft_epochs, Appendix D")
-    g.add_argument("--batch-size", type=int, default=100, help="ft_batch_size, Appendix D")
-    g.add_argument("--lr", type=float, default=0.2,
+    g.add_argument("--epochs", type=cli.positive_int, default=80, help="ft_epochs, Appendix D")
+    g.add_argument("--batch-size", type=cli.positive_int, default=100, help="ft_batch_size, Appendix D")
+    g.add_argument("--lr", type=cli.positive_float, default=0.2,
                    help="base LR (Appendix D's ft_learning_rate); the probe's LR is lr x batch-size / 256 (0.078 "
                         "at the defaults), with a cosine decay to 0")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="ft_weight_decay, Appendix D")
+    g.add_argument("--momentum", type=cli.unit_interval, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=cli.non_negative_float, default=0.0, help="ft_weight_decay, Appendix D")
     g.add_argument("--precompute", action="store_true",
                    help="fast mode: features of the un-augmented images computed once, the probe trained on them "
                         "(no random crop/flip)")
-    g.add_argument("--augment", default="auto", choices=("auto", "batched", "per-image"),
-                   help="batched (auto for cifar10/cifar100/stl10): images held and transformed on the device; "
-                        "per-image: torchvision transforms in DataLoader workers")
-    g.add_argument("--knn-k", type=int, default=200, help="weighted k-NN neighbours (Table 1, DINO's protocol: 20)")
-    g.add_argument("--knn-t", type=float, default=0.1, help="weighted k-NN temperature (Table 1: 0.07)")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=None, help="JSON result file (default: next to the checkpoint); if it exists, "
                    "the result goes to <name>-2.json, -3, ...")
-    p.numbers.update(lr="finite positive float", momentum="in [0, 1]")  # the others are common.NUMBERS' kinds
     return p
 
 
@@ -74,8 +61,8 @@ def frozen_encoder(args):
                    "image_size": common.DATASETS[args.dataset].image_size, "method": "random-init"}
         encoder, dim = common.encoder_for(trained)
     else:
-        ckpt = common.load_checkpoint(args.checkpoint)
-        encoder, dim = common.encoder_from_checkpoint(ckpt, common.checkpoint_path(args.checkpoint))
+        ckpt = runs.load_checkpoint(args.checkpoint)
+        encoder, dim = common.encoder_from_checkpoint(ckpt, runs.checkpoint_path(args.checkpoint))
         trained = {**ckpt["args"], "checkpoint_epoch": ckpt["epoch"]}  # the epoch the encoder was saved after
     return encoder.requires_grad_(False).eval(), dim, trained
 
@@ -125,10 +112,10 @@ def result_path(args, dataset):
         if path.is_dir():
             raise common.UserError(f"--out {path} is a folder; give a file name, e.g. {path / 'result.json'}")
     elif args.checkpoint:
-        path = common.checkpoint_path(args.checkpoint).parent / f"linear_eval_{args.eval_split}.json"
+        path = runs.checkpoint_path(args.checkpoint).parent / f"linear_eval_{args.eval_split}.json"
     else:
         path = Path("runs") / f"random-init-{dataset}-{args.arch}" / f"linear_eval_{args.eval_split}.json"
-    common.check_writable(path.parent, "the result folder")
+    runs.check_writable(path.parent, "the result folder")
     return path
 
 
@@ -144,7 +131,7 @@ def unused_path(path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)  # every number checked against its kind
-    ignored = sorted(common.given_flags(parser, argv) & {"arch", "stem"})
+    ignored = sorted(cli.given_flags(parser, argv) & {"arch", "stem"})
     if args.checkpoint and ignored:  # the checkpoint says which encoder it holds
         raise common.UserError(f"{', '.join('--' + k for k in ignored)} cannot be given with --checkpoint (only with "
                                f"--random-init): the checkpoint's own encoder is evaluated")
@@ -152,8 +139,7 @@ def main(argv=None):
     encoder, dim, trained = frozen_encoder(args)
     dataset = args.dataset or trained["dataset"]
     out = result_path(args, dataset)
-    if args.augment == "batched" and dataset not in common.IN_MEMORY:
-        raise common.UserError(f"--augment batched needs an in-memory dataset ({', '.join(common.IN_MEMORY)})")
+    cli.check_augment(args.augment, dataset)
     if dataset != trained["dataset"] and args.image_size is None:
         image_size = common.DATASETS[dataset].image_size
     else:
@@ -167,8 +153,8 @@ def main(argv=None):
     before = snapshot(encoder)
     torch.manual_seed(args.seed)
     probe = nn.Linear(dim, data.num_classes).to(device)
-    on_device = common.use_device_data(args.augment, dataset)
-    bank_loader, eval_loader = common.eval_loaders(data, dataset, image_size, 512, args.workers,
+    on_device = batched_views.use_device_data(args.augment, dataset)
+    bank_loader, eval_loader = batched_views.eval_loaders(data, dataset, image_size, 512, args.workers,
                                                    device if on_device else None)
     t0 = time.time()
     effective_lr = common.scaled_lr(args.lr, args.batch_size)
@@ -181,7 +167,7 @@ def main(argv=None):
 
     # One pass over each split: the eval transform is deterministic, so these are the features the probe sees at
     # test time, and (with --precompute) its training set.
-    with common.out_of_memory(lambda: "extracting features: lower --image-size"):
+    with out_of_memory(lambda: "extracting features: lower --image-size"):
         bank, bank_labels = common.extract_features(encoder, bank_loader, device, normalize=False)
         queries, labels = common.extract_features(encoder, eval_loader, device, normalize=False)
     knn = common.knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(queries, dim=1), data.num_classes,
@@ -198,12 +184,12 @@ def main(argv=None):
         loader = DataLoader(TensorDataset(bank, bank_labels), batch_size=args.batch_size, shuffle=True, generator=g)
         encode = torch.nn.Identity()
     elif on_device:  # random crop + flip per image, on the device
-        loader = common.DeviceBatches(data.bank, dataset, image_size, args.batch_size, device, seed=args.seed)
+        loader = batched_views.DeviceBatches(data.bank, dataset, image_size, args.batch_size, device, seed=args.seed)
     else:
         loader = DataLoader(common.Transformed(data.bank, common.probe_transform(dataset, image_size)),
                             batch_size=args.batch_size, shuffle=True, generator=g, num_workers=args.workers,
                             pin_memory=device.type == "cuda")
-    with common.out_of_memory(lambda: "training the probe: lower --batch-size or use --precompute"):
+    with out_of_memory(lambda: "training the probe: lower --batch-size or use --precompute"):
         with common.eval_mode(encoder), torch.enable_grad():
             last_loss = train_probe(probe, loader, encode, effective_lr, args, device)
     with torch.no_grad():
@@ -221,7 +207,7 @@ def main(argv=None):
     free = unused_path(out)
     if free != out:
         print(f"# {out} holds an earlier result, kept; this one goes to {free.name}")
-    with common.writing(free):
+    with runs.writing(free):
         free.parent.mkdir(parents=True, exist_ok=True)
         with open(free, "x") as f:  # "x": never replaces a file, even one written meanwhile
             f.write(json.dumps(result, indent=2) + "\n")

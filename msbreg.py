@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 import byol
 import common
+import loop
+from support import cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: byol.PRESETS (Appendix B.2 of Durrant & Leontidis) for everything BYOL has. The paper's M and
@@ -37,15 +39,14 @@ def view_specs(m):
 def build_parser():
     p = byol.build_parser(__doc__)
     g = p.add_argument_group("MSBReg (Moon et al., 2022; our reconstruction, defaults ours)")
-    g.add_argument("--views", type=int, default=VIEWS,
+    g.add_argument("--views", default=VIEWS,
+                   type=cli.number(int, lambda m: m >= 2, "at least 2 (each view is pulled to the centroid of the others)"),
                    help="M, views of each image (at least 2), alternating between BYOL's two augmentation settings; "
                         "ours: the paper's M could not be read")
-    g.add_argument("--sv-weight", type=float, default=SV_WEIGHT,
+    g.add_argument("--sv-weight", type=cli.finite_float, default=SV_WEIGHT,
                    help="lambda_S of the singular value loss (ours, untuned)")
-    g.add_argument("--brownian-weight", type=float, default=BROWNIAN_WEIGHT,
+    g.add_argument("--brownian-weight", type=cli.finite_float, default=BROWNIAN_WEIGHT,
                    help="lambda_B of the Brownian diffusive loss (ours, untuned)")
-    p.numbers.update(views=(lambda m: m >= 2, "at least 2 (each view is pulled to the centroid of the others)"),
-                     sv_weight="finite float", brownian_weight="finite float")  # checked as common.NUMBERS' flags
     return p
 
 
@@ -162,14 +163,14 @@ def build_model(args, encoder=None, feature_dim=None):
 
 
 def train(args, model=None):
-    """Pre-train MSBReg with byol.py's EMA; returns common.pretrain's exit status."""
+    """Pre-train MSBReg with byol.py's EMA; returns loop.pretrain's exit status."""
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
 
     def loss_fn(model, *views):
         return loss_terms(model, views, args.sv_weight, args.brownian_weight, args.seed)
 
-    return common.pretrain(args, model, loss_fn, views=view_specs(args.views), after_step=byol.ema_step(args),
+    return loop.pretrain(args, model, loss_fn, views=view_specs(args.views), after_step=byol.ema_step(args),
                            objective=objective(args))
 
 
@@ -179,11 +180,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.warn_if_negative(args.sv_weight, "--sv-weight", "the run shrinks the singular values, pulling the "
+    cli.warn_if_negative(args.sv_weight, "--sv-weight", "the run shrinks the singular values, pulling the "
                             "embeddings of a view onto fewer directions")
-    common.warn_if_negative(args.brownian_weight, "--brownian-weight", "Gaussian noise is symmetric, so this is the "
+    cli.warn_if_negative(args.brownian_weight, "--brownian-weight", "Gaussian noise is symmetric, so this is the "
                             "same random walk as its positive value")
-    common.warn_micro_batches(args, "the singular values are those of")
+    cli.warn_micro_batches(args, "the singular values are those of")
     return train(args)
 
 

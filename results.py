@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import common
+from support import cli
 
 ROOT = Path(__file__).resolve().parent
 
@@ -745,7 +746,7 @@ def figures(groups, runs, out, notes):
 # main
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser():
-    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="run folders, or folders holding run folders (any depth)")
     p.add_argument("--out", type=Path, default=None, help="also write results.md, results.csv, runs.csv and the "
                    "figures (PNG) into this folder")

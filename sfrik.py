@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import loop
+from support import cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: presets[dataset][epochs], the first row per dataset is its default. Any flag overrides them.
@@ -59,17 +61,15 @@ def expander_widths(text):
 
 
 def build_parser():
-    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
-                      epilog=common.preset_epilog(PRESETS, "SFRIK's official recipes; cifar and folder: ours"))
+    p = cli.method_parser(__doc__, PRESETS, "SFRIK's official recipes; cifar and folder: ours")
     g = p.add_argument_group("SFRIK (Zheng et al., 2023)")
     g.add_argument("--expander", type=expander_widths, default=None,
                    help="expander widths, Linear-BN-ReLU between them, the last Linear without bias (default: "
                         "preset, 8192-8192-8192; a small one, e.g. 64-64-32, for CPU smoke runs)")
-    g.add_argument("--inv-weight", type=float, default=None, help="lambda_inv (default: preset, 4000 for q = 8192)")
-    g.add_argument("--mmd-weight", type=float, default=1.0, help="lambda_mmd (official recipes)")
-    g.add_argument("--legendre-weights", type=common.legendre_weights, default=common.LEGENDRE_WEIGHTS,
+    g.add_argument("--inv-weight", type=cli.finite_float, default=None, help="lambda_inv (default: preset, 4000 for q = 8192)")
+    g.add_argument("--mmd-weight", type=cli.finite_float, default=1.0, help="lambda_mmd (official recipes)")
+    g.add_argument("--legendre-weights", type=cli.legendre_weights, default=common.LEGENDRE_WEIGHTS,
                    metavar="B1,B2,...", help="b_l >= 0 of psi = sum_l b_l P_l (official recipes: 1,40,40)")
-    p.numbers.update(inv_weight="finite float", mmd_weight="finite float")  # checked as common.NUMBERS' flags
     return p
 
 
@@ -127,7 +127,7 @@ def build_model(args, encoder=None, feature_dim=None):
 
 
 def loss_terms(args):
-    """common.pretrain's loss_fn: (model, x1, x2) -> (L, {"invariance": ..., "mmd": ...}). Under torchrun the loss
+    """loop.pretrain's loss_fn: (model, x1, x2) -> (L, {"invariance": ..., "mmd": ...}). Under torchrun the loss
     is the global micro-batch's, as SFRIK's (n = the whole batch): common.gather brings every process's rows."""
     def loss_fn(model, x1, x2):
         z1, z2 = model(x1, x2)
@@ -140,22 +140,22 @@ def loss_terms(args):
 def train(args, model=None):
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
-    common.warn_micro_batches(args, "the MMD covers")
+    cli.warn_micro_batches(args, "the MMD covers")
 
     b = ", ".join(f"{w:g}" for w in args.legendre_weights)
     objective = (f"L = {args.inv_weight:g} * mean ||z1/|z1| - z2/|z2|||^2 / q + {args.mmd_weight:g} * (M(Z1) + M(Z2)) "
                  f"/ 2, M(Z) = mean_(i, j) sum_l b_l P_l(<z_i, z_j>), b = ({b}), q = {args.expander[-1]} (SFRIK)")
-    return common.pretrain(args, model, loss_terms(args), views=VIEWS[args.dataset], objective=objective)
+    return loop.pretrain(args, model, loss_terms(args), views=VIEWS[args.dataset], objective=objective)
 
 
 def parse_args(argv=None):
-    return common.parse_args(build_parser(), argv, PRESETS, "sfrik")
+    return cli.parse_args(build_parser(), argv, PRESETS, "sfrik")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    common.warn_if_negative(args.inv_weight, "--inv-weight", "the run pushes the two views of each image apart")
-    common.warn_if_negative(args.mmd_weight, "--mmd-weight", "the run maximises the MMD to the uniform law, "
+    cli.warn_if_negative(args.inv_weight, "--inv-weight", "the run pushes the two views of each image apart")
+    cli.warn_if_negative(args.mmd_weight, "--mmd-weight", "the run maximises the MMD to the uniform law, "
                             "pulling the embeddings together")
     return train(args)
 

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import loop
+from support import cli
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hyperparameters: presets[dataset][epochs], the first row per dataset is its default. Any flag overrides them.
@@ -51,18 +53,15 @@ def views(jitter_strength):
 
 
 def build_parser():
-    p = common.Parser(description=__doc__, formatter_class=common.HelpFormatter, parents=[common.base_parser()],
-                      epilog=common.preset_epilog(PRESETS, "SimCLR's recipes"))
+    p = cli.method_parser(__doc__, PRESETS, "SimCLR's recipes")
     g = p.add_argument_group("SimCLR (Eq. 1)")
-    g.add_argument("--temperature", type=float, default=None, help="NT-Xent temperature (default: preset)")
-    g.add_argument("--jitter-strength", type=float, default=None,
+    g.add_argument("--temperature", type=cli.positive_float, default=None, help="NT-Xent temperature (default: preset)")
+    g.add_argument("--jitter-strength", default=None,  # brightness and contrast factors 1 +- 0.8 s stay >= 0
+                   type=cli.number(float, lambda v: 0 <= v <= 1.25, "between 0 and 1.25"),
                    help="colour distortion strength s, ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), 0 <= s <= 1.25 (default: "
                         "preset, 0.5 for CIFAR/STL-10 as SimCLR App. B.9, 1.0 for ImageNet)")
-    g.add_argument("--proj-dim", type=int, default=128, help="projection width; the hidden width is the encoder's "
-                   "feature size (SimCLR Section 2.1)")
-    p.numbers.update(temperature="finite positive float", proj_dim="positive int",
-                     # brightness and contrast factors 1 +- 0.8 s must stay >= 0
-                     jitter_strength=(lambda v: 0 <= v <= 1.25, "between 0 and 1.25"))
+    g.add_argument("--proj-dim", type=cli.positive_int, default=128,
+                   help="projection width; the hidden width is the encoder's feature size (SimCLR Section 2.1)")
     return p
 
 
@@ -125,7 +124,7 @@ def build_model(args, encoder=None, feature_dim=None):
 def train(args, model=None):
     torch.manual_seed(args.seed)
     model = model if model is not None else build_model(args)
-    common.warn_micro_batches(args, "the negatives come from")
+    cli.warn_micro_batches(args, "the negatives come from")
 
     def loss_fn(model, x1, x2):
         z1, z2 = model(x1, x2)  # under torchrun the negatives are the global micro-batch's, gradients included
@@ -133,11 +132,11 @@ def train(args, model=None):
 
     objective = (f"L = NT-Xent(z1, z2; T={args.temperature}) (Eq. 1) = mean over 2B anchors of "
                  f"-log exp(s_pos/T) / sum_(k != anchor) exp(s_k/T), s = cosine similarity, 2B-2 negatives")
-    return common.pretrain(args, model, loss_fn, views=views(args.jitter_strength), objective=objective)
+    return loop.pretrain(args, model, loss_fn, views=views(args.jitter_strength), objective=objective)
 
 
 def parse_args(argv=None):
-    return common.parse_args(build_parser(), argv, PRESETS, "simclr")
+    return cli.parse_args(build_parser(), argv, PRESETS, "simclr")
 
 
 def main(argv=None):

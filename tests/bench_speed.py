@@ -1,6 +1,6 @@
 """Speed benchmark (not collected by pytest). Prints JSON:
 
-  augmentation  views/s of the batched augmentation (common.batched_view) and of torchvision's per-image pipeline
+  augmentation  views/s of the batched augmentation (batched_views.batched_view) and of torchvision's per-image pipeline
                 (common.ssl_augmentation) on the same machine, and their ratio
   training      per method: one optimizer step through the real pipeline (uint8 CIFAR-shaped data on the device,
                 every view (two; M for msbreg) made by batched_view, forward, backward, LARS, EMA): images/s,
@@ -30,6 +30,8 @@ import byol  # noqa: E402
 import byol_mhe  # noqa: E402
 import byol_uniformity  # noqa: E402
 import common  # noqa: E402
+import loop  # noqa: E402
+from support import batched_views  # noqa: E402
 import msbreg  # noqa: E402
 import sfrik  # noqa: E402
 import simclr  # noqa: E402
@@ -74,7 +76,7 @@ def augmentation_speed(n_images, batch, device):
         g = torch.Generator(device).manual_seed(0)
         for x in images.split(batch):
             for v in views:
-                common.batched_view(x, "cifar10", 32, *v, g=g)
+                batched_views.batched_view(x, "cifar10", 32, *v, g=g)
     batched_s = timed(batched, device, 1)
     out = {"images": n_images, "batch": batch, "per_image_views_per_s": round(2 * n_images / per_image_s, 1),
            "batched_views_per_s": round(2 * n_images / batched_s, 1)}
@@ -126,11 +128,11 @@ def training_speed(args, device):
                                                             views=args.views, expander=args.expander):
         common.place(model, device, args.compile)
         opt = common.LARS([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-6)
-        loader = common.DeviceViews(images, sampler, "cifar10", 32, views)
+        loader = batched_views.DeviceViews(images, sampler, "cifar10", 32, views)
         batches = iter(loader)
 
         def step():
-            common.train_step(model, opt, loss_fn, batches, 1, device)
+            loop.train_step(model, opt, loss_fn, batches, 1, device)
             if after:
                 after(model)
         if device.type == "cuda":

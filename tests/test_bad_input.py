@@ -63,39 +63,39 @@ def torchvision_cifar():
     return torchvision.datasets.cifar
 
 
-# --- numbers: one declared kind per flag (common.NUMBERS, parser.numbers) -----------------------------------------
+# --- numbers: an argparse type on the flag's own line (support/cli.py) --------------------------------------------
 @pytest.mark.parametrize("script,flags,text", [
     ("byol", ["--accum-steps", "16", "--batch-size", "16"], "BatchNorm needs at least 2 images per micro-batch"),
-    ("byol", ["--hidden-dim", "0"], "--hidden-dim must be a positive integer, got 0"),
-    ("byol", ["--proj-dim", "0"], "--proj-dim must be a positive integer"),
-    ("simclr", ["--proj-dim", "0"], "--proj-dim must be a positive integer"),
-    ("byol", ["--log-every", "0"], "--log-every must be a positive integer"),
-    ("byol", ["--knn-k", "-1"], "--knn-k must be a positive integer"),
-    ("byol", ["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number >= 0, got nan"),
-    ("byol", ["--base-lr", "-1"], "--base-lr must be a finite number > 0"),
-    ("byol", ["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
-    ("byol", ["--image-size", "1"], "--image-size must be an integer >= 8"),
-    ("byol", ["--knn-t", "0"], "--knn-t must be a finite number > 0"),
-    ("byol", ["--knn-every", "-1"], "--knn-every must be an integer >= 0"),
-    ("byol", ["--analysis-samples", "-1"], "--analysis-samples must be 0 (off) or an integer >= 2"),
-    ("byol", ["--analysis-samples", "1"], "--analysis-samples must be 0 (off) or an integer >= 2"),
-    ("byol", ["--tau-base", "5"], "--tau-base must be a number in [0, 1]"),
-    ("byol", ["--epochs", "0"], "--epochs must be a positive integer"),
-    ("byol", ["--subset", "0"], "--subset must be a positive integer"),
-    ("byol", ["--seed", "-1"], "--seed must be an integer >= 0"),
-    ("byol", ["--workers", "-2"], "--workers must be an integer >= 0"),
-    ("byol_uniformity", ["--unif-t", "-2"], "--unif-t must be a finite number > 0"),
-    ("byol_uniformity", ["--unif-weight", "inf"], "--unif-weight must be a finite number"),
-    ("byol_mhe", ["--mhe-weight", "nan"], "--mhe-weight must be a finite number"),
-    ("simclr", ["--temperature", "-0.5"], "--temperature must be a finite number > 0"),
-    ("simclr", ["--jitter-strength", "2"], "--jitter-strength must be between 0 and 1.25"),
-    ("sfrik", ["--inv-weight", "nan"], "--inv-weight must be a finite number"),
-    ("sfrik", ["--mmd-weight", "inf"], "--mmd-weight must be a finite number"),
-    ("linear_eval", ["--workers", "-1"], "--workers must be an integer >= 0"),
-    ("linear_eval", ["--lr", "nan"], "--lr must be a finite number > 0"),
-    ("linear_eval", ["--momentum", "2"], "--momentum must be a number in [0, 1]"),
-    ("linear_eval", ["--knn-t", "-1"], "--knn-t must be a finite number > 0"),
-    ("linear_eval", ["--batch-size", "0"], "--batch-size must be a positive integer"),
+    ("byol", ["--hidden-dim", "0"], "argument --hidden-dim: must be a positive integer, got 0"),
+    ("byol", ["--proj-dim", "0"], "argument --proj-dim: must be a positive integer"),
+    ("simclr", ["--proj-dim", "0"], "argument --proj-dim: must be a positive integer"),
+    ("byol", ["--log-every", "0"], "argument --log-every: must be a positive integer"),
+    ("byol", ["--knn-k", "-1"], "argument --knn-k: must be a positive integer"),
+    ("byol", ["--warmup-epochs", "nan"], "argument --warmup-epochs: must be a finite number >= 0, got nan"),
+    ("byol", ["--base-lr", "-1"], "argument --base-lr: must be a finite number > 0"),
+    ("byol", ["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0"),
+    ("byol", ["--image-size", "1"], "argument --image-size: must be an integer >= 8"),
+    ("byol", ["--knn-t", "0"], "argument --knn-t: must be a finite number > 0"),
+    ("byol", ["--knn-every", "-1"], "argument --knn-every: must be an integer >= 0"),
+    ("byol", ["--analysis-samples", "-1"], "argument --analysis-samples: must be 0 (off) or an integer >= 2"),
+    ("byol", ["--analysis-samples", "1"], "argument --analysis-samples: must be 0 (off) or an integer >= 2"),
+    ("byol", ["--tau-base", "5"], "argument --tau-base: must be a number in [0, 1]"),
+    ("byol", ["--epochs", "0"], "argument --epochs: must be a positive integer"),
+    ("byol", ["--subset", "0"], "argument --subset: must be a positive integer"),
+    ("byol", ["--seed", "-1"], "argument --seed: must be an integer >= 0"),
+    ("byol", ["--workers", "-2"], "argument --workers: must be an integer >= 0"),
+    ("byol_uniformity", ["--unif-t", "-2"], "argument --unif-t: must be a finite number > 0"),
+    ("byol_uniformity", ["--unif-weight", "inf"], "argument --unif-weight: must be a finite number"),
+    ("byol_mhe", ["--mhe-weight", "nan"], "argument --mhe-weight: must be a finite number"),
+    ("simclr", ["--temperature", "-0.5"], "argument --temperature: must be a finite number > 0"),
+    ("simclr", ["--jitter-strength", "2"], "argument --jitter-strength: must be between 0 and 1.25"),
+    ("sfrik", ["--inv-weight", "nan"], "argument --inv-weight: must be a finite number"),
+    ("sfrik", ["--mmd-weight", "inf"], "argument --mmd-weight: must be a finite number"),
+    ("linear_eval", ["--workers", "-1"], "argument --workers: must be an integer >= 0"),
+    ("linear_eval", ["--lr", "nan"], "argument --lr: must be a finite number > 0"),
+    ("linear_eval", ["--momentum", "2"], "argument --momentum: must be a number in [0, 1]"),
+    ("linear_eval", ["--knn-t", "-1"], "argument --knn-t: must be a finite number > 0"),
+    ("linear_eval", ["--batch-size", "0"], "argument --batch-size: must be a positive integer"),
 ])
 def test_bad_numbers(script, flags, text, tmp_path, capsys):
     place = ["--random-init", "--dataset", "cifar10", "--out", tmp_path / "run" / "r.json"] \
@@ -107,7 +107,7 @@ def test_bad_numbers(script, flags, text, tmp_path, capsys):
 def test_script_prints_one_line_for_a_bad_number(tmp_path):
     proc = run_script("byol.py", "--hidden-dim", "0", "--out-dir", tmp_path / "run")
     assert proc.returncode == 2 and proc.stderr.strip() == \
-        "error: --hidden-dim must be a positive integer, got 0 (see --help)"
+        "error: argument --hidden-dim: must be a positive integer, got 0 (see --help)"
     assert not (tmp_path / "run").exists()
 
 

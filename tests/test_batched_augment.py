@@ -6,6 +6,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
 
 import common
+from support import batched_views
 
 BICUBIC = T.InterpolationMode.BICUBIC
 
@@ -30,9 +31,9 @@ def ks_statistic(a, b):
 def test_resized_crop_and_flip_equal_torchvision(size, out):
     x = images(5, size).float() / 255
     g = torch.Generator().manual_seed(1)
-    top, left, h, w = common.sample_crops(5, size, size, g)
+    top, left, h, w = batched_views.sample_crops(5, size, size, g)
     flip = torch.tensor([True, False, True, False, True])
-    batched = common.resized_crop(x, top, left, h, w, out, flip=flip)
+    batched = batched_views.resized_crop(x, top, left, h, w, out, flip=flip)
     for k in range(5):
         ref = TF.resized_crop(x[k], int(top[k]), int(left[k]), int(h[k]), int(w[k]), [out, out], BICUBIC,
                               antialias=True).clamp(0, 1)
@@ -44,15 +45,15 @@ def test_resized_crop_and_flip_equal_torchvision(size, out):
 def test_resized_crop_of_the_whole_image_is_the_identity():
     x = images(2, 32).float() / 255
     full = torch.zeros(2), torch.zeros(2), torch.full((2,), 32.0), torch.full((2,), 32.0)
-    assert torch.allclose(common.resized_crop(x, *full, 32), x, atol=1e-6)
+    assert torch.allclose(batched_views.resized_crop(x, *full, 32), x, atol=1e-6)
 
 
 @pytest.mark.parametrize("op,ref,factor", [
-    (common.adjust_brightness, TF.adjust_brightness, 1.37),
-    (common.adjust_contrast, TF.adjust_contrast, 0.63),
-    (common.adjust_saturation, TF.adjust_saturation, 1.18),
-    (common.adjust_hue, TF.adjust_hue, -0.083),
-    (common.adjust_hue, TF.adjust_hue, 0.1),
+    (batched_views.adjust_brightness, TF.adjust_brightness, 1.37),
+    (batched_views.adjust_contrast, TF.adjust_contrast, 0.63),
+    (batched_views.adjust_saturation, TF.adjust_saturation, 1.18),
+    (batched_views.adjust_hue, TF.adjust_hue, -0.083),
+    (batched_views.adjust_hue, TF.adjust_hue, 0.1),
 ])
 def test_colour_ops_equal_torchvision(op, ref, factor):
     x = images(4).float() / 255
@@ -68,7 +69,7 @@ def test_colour_jitter_applies_each_images_own_order_and_factors():
                             [0.6, 0.9, 1.2, -0.1], [1.1, 1.1, 1.1, 0.02]])
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2], [0, 1, 2, 3]])
     apply = torch.tensor([True, True, True, True, False])
-    out = common.colour_jitter(x, factors, order, apply)
+    out = batched_views.colour_jitter(x, factors, order, apply)
     refs = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for k in range(5):
         y = x[k]
@@ -80,19 +81,19 @@ def test_colour_jitter_applies_each_images_own_order_and_factors():
 
 def test_grayscale_blur_solarize_equal_torchvision():
     x = images(3).float() / 255
-    assert torch.allclose(common.grayscale(x)[1], TF.rgb_to_grayscale(x[1], num_output_channels=1), atol=1e-6)
+    assert torch.allclose(batched_views.grayscale(x)[1], TF.rgb_to_grayscale(x[1], num_output_channels=1), atol=1e-6)
     sigma = torch.tensor([0.1, 0.9, 2.0])
-    blurred = common.gaussian_blur(x, sigma, 9)
+    blurred = batched_views.gaussian_blur(x, sigma, 9)
     for k in range(3):
         ref = TF.gaussian_blur(x[k], [9, 9], [sigma[k].item(), sigma[k].item()])
         assert torch.allclose(blurred[k], ref, atol=1e-5), k
-    assert torch.equal(common.solarize(x), TF.solarize(x, 0.5))
+    assert torch.equal(batched_views.solarize(x), TF.solarize(x, 0.5))
 
 
 def test_batched_view_shape_range_and_reproducibility():
     imgs = images(16, 96)
-    a = common.batched_view(imgs, "stl10", 64, 1.0, 0.0, g=torch.Generator().manual_seed(3))
-    b = common.batched_view(imgs, "stl10", 64, 1.0, 0.0, g=torch.Generator().manual_seed(3))
+    a = batched_views.batched_view(imgs, "stl10", 64, 1.0, 0.0, g=torch.Generator().manual_seed(3))
+    b = batched_views.batched_view(imgs, "stl10", 64, 1.0, 0.0, g=torch.Generator().manual_seed(3))
     assert a.shape == (16, 3, 64, 64) and torch.equal(a, b)
     info = common.DATASETS["stl10"]
     lo = min((0 - m) / s for m, s in zip(info.mean, info.std))
@@ -104,11 +105,11 @@ def test_batched_view_shape_range_and_reproducibility():
 
 def test_blur_and_solarize_only_where_the_dataset_has_them():
     imgs = images(64)
-    p = common.view_params(64, 32, 32, blur_p=1.0, solarize_p=1.0, g=torch.Generator().manual_seed(4))
-    cifar = common.apply_view(imgs, p, "cifar10", 32)
+    p = batched_views.view_params(64, 32, 32, blur_p=1.0, solarize_p=1.0, g=torch.Generator().manual_seed(4))
+    cifar = batched_views.apply_view(imgs, p, "cifar10", 32)
     no_blur = dict(p, blur=torch.zeros(64, dtype=torch.bool), solarize=torch.zeros(64, dtype=torch.bool))
-    assert torch.equal(cifar, common.apply_view(imgs, no_blur, "cifar10", 32))           # B.5.2: off on CIFAR
-    folder_on, folder_off = common.apply_view(imgs, p, "folder", 32), common.apply_view(imgs, no_blur, "folder", 32)
+    assert torch.equal(cifar, batched_views.apply_view(imgs, no_blur, "cifar10", 32))           # B.5.2: off on CIFAR
+    folder_on, folder_off = batched_views.apply_view(imgs, p, "folder", 32), batched_views.apply_view(imgs, no_blur, "folder", 32)
     assert not torch.allclose(folder_on, folder_off)
 
 
@@ -118,7 +119,7 @@ N = 20000
 
 @pytest.mark.parametrize("height,width", [(32, 32), (96, 96), (30, 80)])
 def test_crop_parameters_match_torchvision_distribution(height, width):
-    top, left, h, w = (v.double() for v in common.sample_crops(N, height, width, torch.Generator().manual_seed(5)))
+    top, left, h, w = (v.double() for v in batched_views.sample_crops(N, height, width, torch.Generator().manual_seed(5)))
     assert ((h >= 1) & (h <= height) & (w >= 1) & (w <= width) & (top >= 0) & (top + h <= height) & (left >= 0)
             & (left + w <= width)).all()
     torch.manual_seed(6)
@@ -133,7 +134,7 @@ def test_crop_parameters_match_torchvision_distribution(height, width):
 
 def test_crop_fallback_equals_torchvision():
     # an image so elongated that no try fits: both fall back to the same centred crop
-    top, left, h, w = common.sample_crops(50, 4, 200, torch.Generator().manual_seed(7))
+    top, left, h, w = batched_views.sample_crops(50, 4, 200, torch.Generator().manual_seed(7))
     rrc = T.RandomResizedCrop(32, scale=(0.9, 1.0), ratio=common.CROP_RATIO)
     i, j, th, tw = rrc.get_params(torch.zeros(3, 4, 200), (0.99, 1.0), rrc.ratio)
     fallback = (h == th) & (w == tw) & (top == i) & (left == j)
@@ -141,7 +142,7 @@ def test_crop_fallback_equals_torchvision():
 
 
 def test_view_parameter_rates_and_ranges():
-    p = common.view_params(N, 32, 32, blur_p=0.1, solarize_p=0.2, g=torch.Generator().manual_seed(8))
+    p = batched_views.view_params(N, 32, 32, blur_p=0.1, solarize_p=0.2, g=torch.Generator().manual_seed(8))
     rate = lambda mask: mask.float().mean().item()  # noqa: E731
     assert rate(p["flip"]) == pytest.approx(0.5, abs=0.015)
     assert rate(p["jitter"]) == pytest.approx(common.JITTER_P, abs=0.015)
@@ -162,9 +163,9 @@ def test_view_parameter_rates_and_ranges():
 
 def test_colour_jitter_whole_batch_and_per_op_paths_agree():
     x = images(32).float() / 255
-    p = common.view_params(32, 32, 32, 0.0, 0.0, torch.Generator().manual_seed(9))
-    a = common.colour_jitter(x, p["factors"], p["order"], p["jitter"], whole_batch=True)
-    b = common.colour_jitter(x, p["factors"], p["order"], p["jitter"], whole_batch=False)
+    p = batched_views.view_params(32, 32, 32, 0.0, 0.0, torch.Generator().manual_seed(9))
+    a = batched_views.colour_jitter(x, p["factors"], p["order"], p["jitter"], whole_batch=True)
+    b = batched_views.colour_jitter(x, p["factors"], p["order"], p["jitter"], whole_batch=False)
     assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(a, x)
 
@@ -172,7 +173,7 @@ def test_colour_jitter_whole_batch_and_per_op_paths_agree():
 def test_uint8_images_through_subsets_match_torchvision(cifar_dir, no_md5):
     import numpy as np
     data = common.load_data("cifar10", cifar_dir, "val", subset=3)   # Subset(Subset(train, train_idx), range(3))
-    u8 = common.uint8_images(data.pretrain)
+    u8 = batched_views.uint8_images(data.pretrain)
     assert u8.shape == (3, 3, 32, 32) and u8.dtype == torch.uint8
     for k in range(3):
         assert torch.equal(u8[k], torch.from_numpy(np.array(data.pretrain[k][0])).permute(2, 0, 1))
@@ -189,18 +190,18 @@ def test_eval_view_equals_torchvision_eval_transform(dataset, native, size):
     ref = TF.resize(ref, [size, size], BICUBIC, antialias=True).clamp(0, 1)
     info = common.DATASETS[dataset]
     ref = TF.normalize(ref, info.mean, info.std)
-    assert torch.allclose(common.eval_view(u8, dataset, size), ref, atol=1e-4)
+    assert torch.allclose(batched_views.eval_view(u8, dataset, size), ref, atol=1e-4)
 
 
 def test_device_batches_eval_in_order_and_probe_reshuffled(cifar_dir, no_md5):
     data = common.load_data("cifar10", cifar_dir, "test")
-    evals = common.DeviceBatches(data.bank, "cifar10", 32, 16, torch.device("cpu"))
+    evals = batched_views.DeviceBatches(data.bank, "cifar10", 32, 16, torch.device("cpu"))
     assert len(evals) == 4
     labels = torch.cat([y for _, y in evals])
     assert torch.equal(labels, torch.as_tensor(data.bank.targets))
     first = torch.cat([x for x, _ in evals])
     assert torch.equal(first, torch.cat([x for x, _ in evals]))                          # deterministic
-    probe = common.DeviceBatches(data.bank, "cifar10", 32, 16, torch.device("cpu"), seed=0)
+    probe = batched_views.DeviceBatches(data.bank, "cifar10", 32, 16, torch.device("cpu"), seed=0)
     pass1, pass2 = [torch.cat([y for _, y in probe]) for _ in range(2)]
     assert sorted(pass1.tolist()) == sorted(labels.tolist()) and not torch.equal(pass1, pass2)
     x, _ = next(iter(probe))

@@ -138,9 +138,9 @@ def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
     ("byol_mhe.py", ["--mhe-on", "encoder,head"], "subset of encoder,projector,predictor"),
     ("byol_mhe.py", ["--mhe-on", ""], "subset of encoder,projector,predictor"),
     ("byol_uniformity.py", ["--unif-on", "predictor"], "invalid choice: 'predictor'"),
-    ("simclr.py", ["--jitter-strength", "1.5"], "--jitter-strength must be between 0 and 1.25"),
-    ("simclr.py", ["--jitter-strength", "-0.1"], "--jitter-strength must be between 0 and 1.25"),
-    ("byol.py", ["--analysis-samples", "-1"], "--analysis-samples must be 0 (off) or an integer >= 2"),
+    ("simclr.py", ["--jitter-strength", "1.5"], "argument --jitter-strength: must be between 0 and 1.25"),
+    ("simclr.py", ["--jitter-strength", "-0.1"], "argument --jitter-strength: must be between 0 and 1.25"),
+    ("byol.py", ["--analysis-samples", "-1"], "argument --analysis-samples: must be 0 (off) or an integer >= 2"),
 ])
 def test_bad_method_flags(script, flags, text, tmp_path):
     check_one_line_error(run_script(script, *flags, "--out-dir", tmp_path / "run"), text)
@@ -152,7 +152,7 @@ def test_bad_method_flags(script, flags, text, tmp_path):
     (["--dataset", "mnist"], "invalid choice: 'mnist'"),
     (["--arch", "vgg11"], "invalid choice: 'vgg11'"),
     (["--batch-size", "10", "--accum-steps", "3"], "not divisible by --accum-steps 3"),
-    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer"),
     (["--dataset", "folder", "--augment", "batched"], "needs an in-memory dataset"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "cuda"),
 ])
@@ -174,7 +174,7 @@ def test_missing_dataset_that_cannot_be_downloaded(tmp_path, monkeypatch):
 
 def test_linear_eval_bad_numbers(cifar_run):
     out, _ = cifar_run
-    check_one_line_error(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "0"), "--epochs must be")
+    check_one_line_error(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "0"), "argument --epochs: must be")
 
 
 def test_bad_checkpoints(tmp_path):

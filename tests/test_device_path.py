@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import bench_speed
 import byol
 import common
+import loop
+from support import batched_views
 import sfrik
 import simclr
 from conftest import TinyEncoder
@@ -49,14 +51,14 @@ def test_a_step_never_waits_for_the_device(name, monkeypatch):
     the whole batch) while the default device is 'meta', so any tensor built without an explicit device (a host
     tensor on CUDA) fails to mix with the real ones, and while every host read is recorded."""
     _, model, loss_fn, after, views = setup(name)
-    monkeypatch.setattr(common, "colour_jitter", functools.partial(common.colour_jitter, whole_batch=True))
+    monkeypatch.setattr(batched_views, "colour_jitter", functools.partial(batched_views.colour_jitter, whole_batch=True))
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     opt = common.LARS(model.parameters(), lr=0.1, weight_decay=1e-6)
     g = torch.Generator().manual_seed(0)
 
     def step():
-        batches = iter([tuple(common.batched_view(images, "cifar10", 32, *v, g=g) for v in views)])
-        totals = common.train_step(model, opt, loss_fn, batches, 1, CPU)
+        batches = iter([tuple(batched_views.batched_view(images, "cifar10", 32, *v, g=g) for v in views)])
+        totals = loop.train_step(model, opt, loss_fn, batches, 1, CPU)
         if after:
             after(model)
         return totals
@@ -72,9 +74,9 @@ def test_the_check_catches_host_reads_and_host_tensors():
     """The two checks above can fail: the CPU's colour-jitter path picks images with nonzero(), and a tensor made
     without a device (as simclr.nt_xent once built its positives) lands on 'meta'."""
     x = torch.rand(4, 3, 8, 8)
-    p = common.view_params(4, 8, 8, 0.0, 0.0, torch.Generator().manual_seed(0))
+    p = batched_views.view_params(4, 8, 8, 0.0, 0.0, torch.Generator().manual_seed(0))
     with HostReads() as reads:
-        common.colour_jitter(x, p["factors"], p["order"], p["jitter"], whole_batch=False)
+        batched_views.colour_jitter(x, p["factors"], p["order"], p["jitter"], whole_batch=False)
         x[x > 0.5].sum().item()
     assert {"nonzero", "index", "_local_scalar_dense"} <= set(reads.ops)
     with torch.device("meta"), pytest.raises(RuntimeError):
@@ -109,7 +111,7 @@ def test_a_bf16_channels_last_step_stays_close_to_float32(name, monkeypatch):
     pointing the same way."""
     _, model, loss_fn, _, views = setup(name)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    x1, x2 = (common.batched_view(images, "cifar10", 32, *v, g=torch.Generator().manual_seed(i))
+    x1, x2 = (batched_views.batched_view(images, "cifar10", 32, *v, g=torch.Generator().manual_seed(i))
               for i, v in enumerate(views))
     start = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -118,7 +120,7 @@ def test_a_bf16_channels_last_step_stays_close_to_float32(name, monkeypatch):
         model.zero_grad(set_to_none=True)
         opt = common.LARS(model.parameters(), lr=0.0)
         opt.step = opt.zero_grad = lambda *a, **k: None  # keep the weights and the gradients to compare them
-        terms = common.train_step(model, opt, loss_fn, iter([(x1, x2)]), 1, CPU)
+        terms = loop.train_step(model, opt, loss_fn, iter([(x1, x2)]), 1, CPU)
         return terms, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     reference, ref_grads = step()

@@ -17,6 +17,7 @@ import byol
 import byol_mhe
 import byol_uniformity
 import common
+from support import distributed, runs
 import msbreg
 import sfrik
 import simclr
@@ -41,7 +42,7 @@ def _worker(rank, port, fn, args):
     try:
         fn(rank, *args)
     finally:
-        common.end_distributed()
+        distributed.end_distributed()
 
 
 def spawn(fn, *args):
@@ -73,15 +74,15 @@ def _gather_weights():
 
 
 def _gathered_maths(rank, out):
-    common.init_distributed("cpu")
+    distributed.init_distributed(torch.device("cpu"))
     x1, x2, images = (t.chunk(WORLD)[rank].clone().requires_grad_() for t in _global_batch())
     torch.manual_seed(0)
-    lin, bn = nn.Linear(5, 3), common.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), torch.device("cpu"))
-    assert isinstance(bn[0], common.GlobalBatchNorm)
+    lin, bn = nn.Linear(5, 3), distributed.sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), torch.device("cpu"))
+    assert isinstance(bn[0], distributed.GlobalBatchNorm)
     uni, nce, sfr, per_sample = _losses(x1, x2, images, lin, bn, gathered=True)
     (uni + nce + sfr + per_sample).backward()
     params = list(lin.parameters()) + list(bn.parameters())
-    common.average_gradients(params)
+    distributed.average_gradients(params)
     # a gradient that reaches the gather non-contiguous (here transposed) still goes back to the right rows
     pairs = torch.stack([x1, x2], dim=1).detach().requires_grad_()                   # (B / W, 2, 5)
     (common.gather(pairs).transpose(0, 1) * _gather_weights()).sum().backward()     # (2, B, 5) weights
@@ -255,7 +256,7 @@ def test_signal_on_one_process_stops_all_and_resumes_with_one(two_processes, cif
     out = two_processes / "stopped"
     assert [(two_processes / f"stopped.rank{r}").read_text() for r in range(WORLD)] == [str(128 + 15)] * WORLD
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]   # rank 0's checkpoint only
-    assert common.load_checkpoint(out / "last.pt")["step"] == 3
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 3
     resumed = _byol_model(False)
     args = byol.parse_args(["--resume", str(out), "--workers", "0"])          # W' = 1: a plain process
     assert byol.train(args, resumed) == 0
@@ -281,7 +282,7 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "encoder.pt", "last.pt", "metrics.jsonl"]
     rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert len(rows) == 1 and rows[0]["step"] == 2 and 0 <= rows[0]["knn_top1"] <= 100
-    ckpt = common.load_checkpoint(out)
+    ckpt = runs.load_checkpoint(out)
     assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["sync_bn"] is None
     assert not any("module." in k for k in ckpt["model"])
 

@@ -10,6 +10,8 @@ import torch
 
 import byol
 import common
+import loop
+from support import runs
 from test_training import signal_at, tiny_args, tiny_byol
 
 TIMES = ("seconds", "images_per_s", "eval_seconds")  # the only columns that may differ between two runs
@@ -50,25 +52,25 @@ class Killed(BaseException):
 def test_row_of_an_epoch_stopped_part_way_is_the_uninterrupted_row(cifar_dir, tmp_path, no_md5, full_run):
     out = tmp_path / "run"
     assert byol.train(tiny_args(cifar_dir, out), tiny_byol(), extra_terms=signal_at(8)) == 128 + signal.SIGTERM
-    assert common.load_checkpoint(out / "last.pt")["partial_epoch"]["steps"] == 3  # steps 6-8 of epoch 2
+    assert runs.load_checkpoint(out / "last.pt")["partial_epoch"]["steps"] == 3  # steps 6-8 of epoch 2
     assert_same(resume(out), full_run[1])
     assert rows(out) == rows(full_run[0])  # the epoch-2 loss averages all its 5 steps, not the 2 after the resume
 
 
 def test_kill_between_the_row_and_its_checkpoint_loses_and_duplicates_nothing(cifar_dir, tmp_path, no_md5,
                                                                              monkeypatch, full_run):
-    out, real_save, calls = tmp_path / "run", common.save_atomic, []
+    out, real_save, calls = tmp_path / "run", runs.save_atomic, []
 
     def killed_at_second_checkpoint(obj, path):
         calls.append(path)
         if len(calls) == 2:  # the end of epoch 2: its row is written, the checkpoint recording it is not
             raise Killed
         return real_save(obj, path)
-    monkeypatch.setattr(common, "save_atomic", killed_at_second_checkpoint)
+    monkeypatch.setattr(runs, "save_atomic", killed_at_second_checkpoint)
     with pytest.raises(Killed):
         byol.train(tiny_args(cifar_dir, out), tiny_byol())
-    monkeypatch.setattr(common, "save_atomic", real_save)
-    assert [r["epoch"] for r in rows(out)] == [1, 2] and common.load_checkpoint(out / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(runs, "save_atomic", real_save)
+    assert [r["epoch"] for r in rows(out)] == [1, 2] and runs.load_checkpoint(out / "last.pt")["epoch"] == 1
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 2, "st')  # and a line torn by the kill
     assert_same(resume(out), full_run[1])
@@ -95,17 +97,17 @@ def test_full_disk_keeps_the_last_checkpoint(cifar_dir, tmp_path, no_md5, monkey
             if len(opened) == 2:
                 return FillsUp(path, mode)
         return open(path, mode, *args, **kwargs)
-    monkeypatch.setattr(common, "open", open_, raising=False)
+    monkeypatch.setattr(runs, "open", open_, raising=False)
     extra = signal_at(stop_at) if stop_at else None
     with pytest.raises(common.UserError) as e:  # torch.save fails part-way, as on a real full disk
         byol.train(tiny_args(cifar_dir, out), tiny_byol(), extra_terms=extra)
-    monkeypatch.delattr(common, "open")
+    monkeypatch.delattr(runs, "open")
     message = str(e.value)
     assert e.value.exit_code == status and "\n" not in message
     assert message.startswith(f"no space left in {out}: last.pt needs about ") and "MB free" in message
     assert f"the last checkpoint {out / 'last.pt'} (step 5) is intact" in message
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]  # no last.pt.tmp
-    assert common.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert runs.load_checkpoint(out / "last.pt")["epoch"] == 1
     assert_same(resume(out), full_run[1])  # space freed: the resume continues exactly
     assert rows(out) == rows(full_run[0])
 
@@ -119,20 +121,21 @@ def test_full_disk_keeps_the_last_checkpoint(cifar_dir, tmp_path, no_md5, monkey
 ])
 def test_out_of_memory_names_the_setting_and_keeps_the_checkpoint(cifar_dir, tmp_path, no_md5, monkeypatch, where,
                                                                   error, text):
-    real, calls = getattr(common, where), []
+    module = loop if where == "train_step" else common
+    real, calls = getattr(module, where), []
 
     def fails_in_epoch_2(*args, **kwargs):
         calls.append(1)
         if len(calls) > (5 if where == "train_step" else 1):
             raise error
         return real(*args, **kwargs)
-    monkeypatch.setattr(common, where, fails_in_epoch_2)
+    monkeypatch.setattr(module, where, fails_in_epoch_2)
     out = tmp_path / "run"
     with pytest.raises(common.UserError) as e:
         byol.train(tiny_args(cifar_dir, out, "--knn-every", "1"), tiny_byol())
     assert str(e.value).startswith(text) and "\n" not in str(e.value)
     assert f"the last checkpoint {out / 'last.pt'} (step 5) is intact" in str(e.value)
-    assert common.load_checkpoint(out / "last.pt")["epoch"] == 1
+    assert runs.load_checkpoint(out / "last.pt")["epoch"] == 1
 
 
 # --- non-finite loss: say what is on disk ---------------------------------------------------------------------------
@@ -152,7 +155,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(cifar_dir, tmp_path, no_
     args = byol.parse_args(["--resume", str(out), "--epochs", "3", "--workers", "0"])
     assert "from step 5 on, the LR cosine and EMA tau schedule are those of a 3-epoch run" in capsys.readouterr().out
     assert byol.train(args, tiny_byol()) == 0
-    ckpt = common.load_checkpoint(out / "last.pt")
+    ckpt = runs.load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 3 and ckpt["args"]["epochs_changed"] == [[5, 1, 3]]
     assert json.loads((out / "args.json").read_text())["epochs"] == 3
     # the 1-epoch run's final encoder is kept under its epoch; encoder.pt is the 3-epoch run's

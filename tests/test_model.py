@@ -5,6 +5,7 @@ import torch.nn as nn
 import torchvision
 
 import common
+from support import runs
 from byol import BYOL, byol_loss
 from conftest import TinyEncoder
 
@@ -82,7 +83,7 @@ def test_target_starts_as_copy_and_ema_matches_formula():
 
 def test_exported_encoder_loads_into_torchvision(tmp_path):
     model = BYOL(*common.build_encoder("resnet18", "cifar"), hidden_dim=32, proj_dim=8)
-    torch.save(common.encoder_state(model), tmp_path / "encoder.pt")
+    torch.save(runs.encoder_state(model), tmp_path / "encoder.pt")
     # what the README shows:
     net = torchvision.models.resnet18()
     net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

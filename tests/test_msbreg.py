@@ -10,6 +10,7 @@ import torch
 
 import byol
 import common
+from support import runs
 import msbreg
 from conftest import TinyEncoder, run_script
 from test_cli import TINY, check_ok, check_one_line_error
@@ -173,7 +174,7 @@ def test_resume_after_signal_equals_uninterrupted_run_with_four_views(cifar_dir,
     monkeypatch.setattr(msbreg, "brownian_loss", pre_empted)
     out = tmp_path / "interrupted"
     assert msbreg.train(msbreg.parse_args(tiny_argv(cifar_dir, out, *argv)), tiny_msbreg()) == 128 + signal.SIGTERM
-    assert common.load_checkpoint(out / "last.pt")["step"] == 7
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 7
     monkeypatch.setattr(msbreg, "brownian_loss", real)
 
     resumed = tiny_msbreg(seed=123)    # everything, the noise counter included, must come from the checkpoint
@@ -209,13 +210,13 @@ def test_msbreg_cifar_end_to_end_with_linear_eval(cifar_dir, tmp_path):
 @pytest.mark.parametrize("views", ["1", "0"])
 def test_fewer_than_two_views_is_one_line_and_exit_2(views, tmp_path):
     proc = run_script("msbreg.py", "--views", views, "--data-dir", tmp_path, "--out-dir", tmp_path / "run")
-    check_one_line_error(proc, "--views must be at least 2")
+    check_one_line_error(proc, "argument --views: must be at least 2")
     assert proc.returncode == 2 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv,text", [
-    (["--sv-weight", "nan"], "--sv-weight must be a finite number, got nan"),
-    (["--brownian-weight", "inf"], "--brownian-weight must be a finite number, got inf"),
+    (["--sv-weight", "nan"], "argument --sv-weight: must be a finite number, got nan"),
+    (["--brownian-weight", "inf"], "argument --brownian-weight: must be a finite number, got inf"),
     (["--brownian-weight", "x"], "invalid float value: 'x'"),
 ])
 def test_bad_weights(capsys, argv, text):

@@ -10,6 +10,8 @@ import byol
 import byol_mhe
 import byol_uniformity
 import common
+import loop
+from support import batched_views
 from conftest import write_folder
 from test_training import tiny_argv, tiny_byol
 
@@ -164,9 +166,9 @@ def test_representation_analysis_on_the_device_agrees_with_the_per_image_path(ci
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.ones_(m.weight)
     args = (model, images, "cifar10", 32, byol.VIEWS, "a2", torch.device("cpu"))
-    pil = common.representation_analysis(*args)
-    batched = common.representation_analysis(*args, on_device=True)
-    assert common.representation_analysis(*args, on_device=True) == batched
+    pil = loop.representation_analysis(*args)
+    batched = loop.representation_analysis(*args, on_device=True)
+    assert loop.representation_analysis(*args, on_device=True) == batched
     blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]  # ResNet-18's 8 blocks (Fig. 4)
     assert set(batched) == set(pil) == {"eval_uniformity", "eval_alignment", "eval_mhe_encoder", "eval_mhe_projector",
                                         "eval_mhe_predictor", "eval_mmd_legendre",
@@ -185,7 +187,7 @@ def test_representation_analysis_on_the_device_agrees_with_the_per_image_path(ci
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: pooled.__setitem__(n, o.mean(dim=(2, 3))))
              for n, m in model.encoder.named_modules() if n in blocks]
     with torch.no_grad():
-        model.encoder.eval()(common.eval_view(common.uint8_images(images), "cifar10", 32))
+        model.encoder.eval()(batched_views.eval_view(batched_views.uint8_images(images), "cifar10", 32))
     for h in hooks:
         h.remove()
     for block in blocks:
@@ -197,13 +199,13 @@ def test_analysis_images_are_fixed_and_spread_over_a_class_sorted_folder(tmp_pat
     """ImageFolder sorts a split by class: the analysis draws its images once with a fixed seed over the whole
     split (not its first n), the same at every evaluation and in every run."""
     data = common.load_data("folder", write_folder(tmp_path, classes=4, n_train=2, n_val=5, size=8), "test")
-    first = common.labels_of(torch.utils.data.Subset(data.eval, range(8)))
+    first = batched_views.labels_of(torch.utils.data.Subset(data.eval, range(8)))
     assert first.unique().tolist() == [0, 1]  # what the first 8 of the split would have covered
     chosen = common.analysis_images(data.eval, 8)
     torch.manual_seed(123)  # the global RNG plays no part
     assert len(chosen) == 8 and chosen.indices == common.analysis_images(data.eval, 8).indices
     assert len(set(chosen.indices)) == 8 and chosen.indices != list(range(8))
-    assert len(common.labels_of(chosen).unique()) >= 3
+    assert len(batched_views.labels_of(chosen).unique()) >= 3
     assert len(common.analysis_images(data.eval, 100)) == 20  # at most the whole split
 
 

@@ -11,6 +11,7 @@ import torch
 import byol
 import byol_uniformity
 import common
+from support import batched_views, cli
 import sfrik
 from conftest import run_script
 from test_cli import check_ok, check_one_line_error
@@ -224,17 +225,17 @@ def test_the_stl10_views_jitter_strongly_always_and_never_blur():
     assert jitter.p == 1.0 and jitter.transforms[0].hue == (-0.4, 0.4)
     assert jitter.transforms[0].saturation == (0.6, 1.4)
     assert not any("Blur" in type(t).__name__ or "Solarize" in type(t).__name__ for t in view.transforms)
-    p = common.view_params(2000, 96, 96, *sfrik.AUH[0][:2], torch.Generator().manual_seed(0), "cpu", *sfrik.AUH[0][2:])
+    p = batched_views.view_params(2000, 96, 96, *sfrik.AUH[0][:2], torch.Generator().manual_seed(0), "cpu", *sfrik.AUH[0][2:])
     assert p["jitter"].all() and not p["blur"].any() and not p["solarize"].any()
     lo, hi = p["factors"].min(dim=0).values, p["factors"].max(dim=0).values
     assert torch.allclose(lo, torch.tensor([0.6, 0.6, 0.6, -0.4]), atol=0.01)
     assert torch.allclose(hi, torch.tensor([1.4, 1.4, 1.4, 0.4]), atol=0.01)
-    default = common.view_params(2000, 96, 96, 0.0, 0.0, torch.Generator().manual_seed(0))  # unchanged: Appendix B.5
+    default = batched_views.view_params(2000, 96, 96, 0.0, 0.0, torch.Generator().manual_seed(0))  # unchanged: Appendix B.5
     assert default["factors"][:, 2].max() < 1.21 and default["factors"][:, 3].max() < 0.11
     images = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8)
-    x = common.batched_view(images, "stl10", 64, *sfrik.AUH[0], g=torch.Generator().manual_seed(1))
+    x = batched_views.batched_view(images, "stl10", 64, *sfrik.AUH[0], g=torch.Generator().manual_seed(1))
     assert x.shape == (3, 3, 64, 64) and torch.isfinite(x).all()
-    share = common.share_view(images[1:], 3, slice(1, 3), "stl10", 64, *sfrik.AUH[0],  # one process's share
+    share = batched_views.share_view(images[1:], 3, slice(1, 3), "stl10", 64, *sfrik.AUH[0],  # one process's share
                               g=torch.Generator().manual_seed(1))
     assert torch.allclose(share, x[1:], atol=1e-6)
 
@@ -279,8 +280,8 @@ def test_more_bad_expanders(text):
                                         ("1,nan", ">= 0"), ("inf", ">= 0"), ("-0.5", ">= 0")])
 def test_more_bad_legendre_weights(text, match):
     with pytest.raises(argparse.ArgumentTypeError, match=match):
-        common.legendre_weights(text)
-    assert common.legendre_weights("1,40,40") == (1.0, 40.0, 40.0) and common.legendre_weights("0") == (0.0,)
+        cli.legendre_weights(text)
+    assert cli.legendre_weights("1,40,40") == (1.0, 40.0, 40.0) and cli.legendre_weights("0") == (0.0,)
 
 
 def test_legendre_weights_need_the_legendre_kernel(tmp_path):

@@ -8,6 +8,8 @@ import torch.nn as nn
 import torchvision.transforms as T
 
 import common
+import loop
+from support import batched_views
 import simclr
 from conftest import run_script
 from test_cli import check_ok
@@ -94,7 +96,7 @@ def test_colour_distortion_strength_per_preset_reaches_the_views(dataset, streng
     args = simclr.parse_args(["--dataset", dataset])
     assert args.jitter_strength == strength
     seen = {}
-    monkeypatch.setattr(common, "pretrain", lambda args, model, loss_fn, views, objective: seen.update(views=views))
+    monkeypatch.setattr(loop, "pretrain", lambda args, model, loss_fn, views, objective: seen.update(views=views))
     simclr.train(args, simclr.SimCLR(nn.Flatten(), 12, 4))
     assert len(seen["views"]) == 2
     for blur_p, solarize_p, j in seen["views"]:
@@ -105,7 +107,7 @@ def test_colour_distortion_strength_per_preset_reaches_the_views(dataset, streng
         cj = ops[0].transforms[0]
         assert cj.saturation == pytest.approx((1 - jitter[2], 1 + jitter[2])) and cj.hue == pytest.approx(
             (-jitter[3], jitter[3]))
-        f = common.view_params(4000, 8, 8, blur_p, solarize_p, torch.Generator().manual_seed(0), jitter=j)["factors"]
+        f = batched_views.view_params(4000, 8, 8, blur_p, solarize_p, torch.Generator().manual_seed(0), jitter=j)["factors"]
         for k, s in enumerate(jitter):
             lo, hi = (-s, s) if k == 3 else (1 - s, 1 + s)
             assert lo <= f[:, k].min() < lo + 0.01 and hi - 0.01 < f[:, k].max() <= hi

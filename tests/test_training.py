@@ -11,6 +11,8 @@ import torch.nn as nn
 
 import byol
 import common
+import loop
+from support import batched_views, runs
 from conftest import TinyEncoder
 
 
@@ -43,7 +45,7 @@ def test_accumulation_equals_full_batch_without_batchnorm():
         model = copy.deepcopy(net)
         opt = common.LARS(model.parameters(), lr=0.3, weight_decay=0.01)
         micro = iter(zip(x1.chunk(n), x2.chunk(n)))
-        terms = common.train_step(model, opt, loss_fn, micro, n, torch.device("cpu"))
+        terms = loop.train_step(model, opt, loss_fn, micro, n, torch.device("cpu"))
         results.append((terms["loss"].item(), [p.detach().clone() for p in model.parameters()]))
     for loss, params in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5)
@@ -99,7 +101,7 @@ def test_resume_after_signal_equals_uninterrupted_run(cifar_dir, tmp_path, no_md
     status = byol.train(tiny_args(cifar_dir, out, "--augment", augment), tiny_byol(),
                         extra_terms=signal_at(stop_at, signum))
     assert status == 128 + signum
-    assert common.load_checkpoint(out / "last.pt")["step"] == stop_at
+    assert runs.load_checkpoint(out / "last.pt")["step"] == stop_at
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
     resumed = tiny_byol(seed=123)  # different init: everything must come from the checkpoint
@@ -122,7 +124,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(cifar_dir, tmp_pat
     out = tmp_path / "run"
     with pytest.raises(common.UserError, match="non-finite loss"):
         byol.train(tiny_args(cifar_dir, out, "--log-every", "1"), tiny_byol(), extra_terms=explode)
-    ckpt = common.load_checkpoint(out / "last.pt")
+    ckpt = runs.load_checkpoint(out / "last.pt")
     assert ckpt["step"] == 5 and ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -149,7 +151,7 @@ def test_knn_monitor_leaves_networks_untouched(cifar_dir, no_md5, device):
     model.train()
     before = copy.deepcopy(model.state_dict())
     data = common.load_data("cifar10", cifar_dir, "test")
-    bank, evals = common.eval_loaders(data, "cifar10", 32, 16, 0, device)
+    bank, evals = batched_views.eval_loaders(data, "cifar10", 32, 16, 0, device)
     acc = common.knn_accuracy(model.encoder, bank, evals, 10, torch.device("cpu"), k=5)
     assert 0 <= acc <= 100
     assert all(m.training for m in model.modules())
@@ -174,7 +176,7 @@ def test_compile_gives_the_eager_result(cifar_dir, tmp_path, no_md5):
     flags = ("--epochs", "1", "--analysis-samples", "0")
     assert byol.train(tiny_args(cifar_dir, tmp_path / "eager", *flags), eager) == 0
     assert byol.train(tiny_args(cifar_dir, tmp_path / "compiled", *flags, "--compile"), compiled) == 0
-    ckpt = common.load_checkpoint(tmp_path / "compiled" / "last.pt")
+    ckpt = runs.load_checkpoint(tmp_path / "compiled" / "last.pt")
     assert list(ckpt["model"]) == list(eager.state_dict())          # names unchanged: checkpoints interchangeable
     for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name

@@ -1,0 +1,223 @@
+"""torchrun + torch.distributed: join the group, gather with gradients, average gradients, BatchNorm over the global
+batch, agree on a stop signal; rank 0 alone writes. A plain `python script.py` is one process and none of this runs.
+
+Every process holds the whole model and takes its share of each global micro-batch. The global loss is the mean
+of the processes' losses: per-sample terms are local batch means, batch-wide terms (Eq. 1, Eq. 2) see the rows of
+all processes through `gather`, whose backward (like every torch.distributed.nn collective) carries each
+process's gradient back to the process that made the rows. So after backward, the mean of the processes'
+gradients (`average_gradients`) is the gradient of the global batch, and LARS and the EMA, run on every process
+from the same gradient, keep the parameters bit-identical across processes.
+
+Hand-written where torch has DistributedDataParallel: the method files read attributes of the model (byol_mhe.py's
+sub-networks, msbreg.py's noise generator) that a DDP wrapper hides, and nn.SyncBatchNorm refuses the CPU, where
+the two-process tests run on gloo (GlobalBatchNorm)."""
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+
+from support.errors import UserError
+
+
+DIST_TIMEOUT = datetime.timedelta(hours=2)  # others wait while rank 0 runs the k-NN monitor (NCCL default: 10 min)
+
+
+def launched_world_size():
+    """W before joining the process group: the number of processes torchrun started (its WORLD_SIZE); 1 for a
+    plain `python script.py`."""
+    return world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def under_torchrun():
+    return "WORLD_SIZE" in os.environ
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    """Rank 0 alone writes the run folder, metrics.jsonl, checkpoints and progress bars, and evaluates."""
+    return rank() == 0
+
+
+def init_distributed(device):
+    """The training device (a resolved torch.device); under torchrun also join the process group (NCCL on CUDA, one
+    GPU per process at LOCAL_RANK; gloo on the CPU). Joins once: a group the caller already set up is kept."""
+    if not under_torchrun():
+        return device
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise UserError(f"process {local} of this machine has no GPU ({torch.cuda.device_count()} visible): "
+                            f"start at most that many with torchrun --nproc_per_node")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT, device_id=device if cuda else None)
+    return device
+
+
+def end_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather(x):
+    """The rows of x (B, ...) of every process in rank order, (W * B, ...): the global batch, for the batch-wide
+    terms. Gradients flow back to each process's own rows (torch.distributed.nn's all_gather). x in one process."""
+    if world_size() == 1:
+        return x
+    return torch.cat([_ContiguousGrad.apply(part) for part in dist_nn.all_gather(x)])
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward hands a contiguous gradient to all_gather's backward: its gloo reduction reads
+    the gradient's memory as laid out, so the slice of a transposed gradient came back wrong."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def average_gradients(params):
+    """Replace each gradient by its mean over the processes: one all_reduce of all gradients flattened together
+    (after the last micro-batch only, so accumulation communicates once per optimizer step)."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads]).div_(world_size())
+    dist.all_reduce(flat)
+    for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(mean.view(g.shape))
+
+
+def process_mean(values):
+    """The mean over the processes of a {name: scalar tensor} dict (the logged loss terms), in one all_reduce."""
+    if world_size() == 1 or not values:
+        return values
+    stacked = torch.stack([v.float() for v in values.values()]).to(_collective_device())
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world_size()).to(next(iter(values.values())).device).unbind()))
+
+
+def agreed_signal(signum, sync):
+    """The stop signal every process acts on. One process: its own. Many: the largest any process received,
+    agreed on (one small all_reduce) only where `sync` is true on every process, else None."""
+    if world_size() == 1:
+        return signum
+    if not sync:
+        return None
+    t = torch.tensor([signum or 0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item()) or None
+
+
+def from_rank0(obj):
+    """Rank 0's value of a picklable object on every process (e.g. a run folder named after the time)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_model(model):
+    """Rank 0's parameters and buffers on every process, as DistributedDataParallel starts (in place)."""
+    if world_size() > 1:
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:  # not state_dict(): it may hold non-tensor extra state
+                dist.broadcast(t, src=0)
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (e.g. a dataset download), the others after it has finished."""
+    if world_size() > 1 and not is_main():
+        dist.barrier()
+    yield
+    if world_size() > 1 and is_main():
+        dist.barrier()
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch of all processes, what nn.SyncBatchNorm
+    does on CUDA, written out for the devices it does not run on (the CPU, gloo). The sums are added up by
+    torch.distributed.nn's all_reduce, whose backward sums each process's gradient back to every process."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x):
+        if world_size() == 1 or not (self.training or self.running_mean is None):
+            return super().forward(x)
+        dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // x.shape[1] * world_size()
+        mean = dist_nn.all_reduce(x.sum(dims)) / count
+        var = dist_nn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / count  # biased: normalises the batch
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * count / (count - 1), m)  # unbiased, as BatchNorm keeps it
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def sync_batchnorm(model, device):
+    """--sync-bn: every BatchNorm of the model (online and target) normalises over the global batch:
+    nn.SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere. In place, keeping the same parameters and buffers, so
+    state_dict keys and checkpoints stay those of plain BatchNorm."""
+    cls = nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm
+    for parent in list(model.modules()):
+        for name, bn in parent.named_children():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not isinstance(bn, cls):
+                new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+                if bn.affine:
+                    new.weight, new.bias = bn.weight, bn.bias
+                if bn.track_running_stats:
+                    new.running_mean, new.running_var = bn.running_mean, bn.running_var
+                    new.num_batches_tracked = bn.num_batches_tracked
+                setattr(parent, name, new.train(bn.training))
+    return model
+
+
+def check_world(args, world):
+    """Each of W processes takes batch / (W x accum) images per micro-batch: W must divide the micro-batch."""
+    micro = args.batch_size // args.accum_steps
+    if micro % world:
+        raise UserError(f"--batch-size {args.batch_size} over --accum-steps {args.accum_steps} gives micro-batches "
+                        f"of {micro} images, which {world} processes cannot share equally")
+    if world > 1 and args.batchnorm and getattr(args, "sync_bn", None) is False and micro // world < 2:
+        raise UserError(f"--no-sync-bn with {world} processes gives each {micro // world} image per micro-batch: "
+                        f"BatchNorm needs at least 2 (drop --no-sync-bn, or a larger --batch-size)")
+
+
+def replicate(model, args):
+    """Rank 0's model on every process (as DistributedDataParallel starts), and one line saying how the batch is
+    shared."""
+    broadcast_model(model)
+    if world_size() > 1 and is_main():
+        synced = getattr(args, "sync_bn", None) is not False
+        print(f"# {world_size()} processes ({dist.get_backend()}): "
+              f"{args.batch_size // args.accum_steps // world_size()} images each per micro-batch, BatchNorm over "
+              f"{'all processes (--sync-bn)' if synced else 'each process'}")

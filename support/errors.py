@@ -1,0 +1,86 @@
+"""Bad input and faults as one line, never a traceback: UserError, the `cli(main)` runner, out of memory, and the
+hygiene of DataLoader workers. Hand-written because argparse, torch and DataLoader report these as tracebacks, and a
+worker that ignores signals would keep a failed script from exiting."""
+import contextlib
+import multiprocessing
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input (or a fault the user must fix): shown as one line on stderr with exit status `exit_code` (2 for bad
+    input), never as a traceback.
+
+    Raised inside a DataLoader worker, it comes back as UserError(worker traceback): only its last line is kept."""
+    exit_code = 2
+
+    def __init__(self, message, exit_code=None):
+        message = str(message)
+        if "Original Traceback" in message:  # re-raised by the DataLoader from a worker process
+            message = message.strip().splitlines()[-1].split("UserError: ", 1)[-1]
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+def cli(main):
+    """Run `main()` so that bad input prints one line and exits 2 instead of a traceback."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        end_workers()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own)
+        end_workers()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():  # torchrun: leave the process group (support/distributed.py joined it)
+            dist.destroy_process_group()
+
+
+def end_workers():
+    """Kill this script's DataLoader workers left by an error. They ignore SIGTERM (workers_ignore_signals), and
+    the interpreter's exit ends them with SIGTERM and then waits for them: it would wait forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
+def workers_ignore_signals(worker_id):
+    # Only the main process reacts to Ctrl-C / SIGTERM; a worker killed by them would crash the loader instead.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def ending_workers(loader):
+    """On an error, end the workers a DataLoader with persistent workers keeps (they ignore SIGTERM, so nothing else
+    would end them and the process could not exit)."""
+    try:
+        yield
+    except BaseException:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+        raise
+
+
+def is_out_of_memory(e):
+    """CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+@contextlib.contextmanager
+def out_of_memory(advice):
+    """Turn running out of memory into a UserError: 'out of memory <advice()>' (advice names what to lower)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory {advice()}") from None

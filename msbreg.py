@@ -10,6 +10,14 @@ A RECONSTRUCTION. No official code is public and only the paper's abstract and i
 each formula below is our reading of a sentence of the paper, and M and the two weights are our untuned choices
 (each a flag). The model, EMA target, presets and training are byol.py's; this file adds the M views, the three
 loss terms and their flags. With M = 2 and both weights 0 the objective is BYOL's.
+
+The centroid loss is defined by two sentences of the paper, verbatim. The abstract: "a Multiview centroid loss,
+which applies an attractive force to pull different image view embeddings toward their centroid". The figure
+caption of the introduction (arXiv v1): "A Multiview centroid loss (green), where we train our online network to
+minimize the distance between centroids of online and target network embeddings of different views of the same
+image." Neither says leave-one-out, and the two do not say the same thing. --centroid chooses the reading:
+leave-one-out (default) is our leave-one-out reading, chosen so that M = 2 is BYOL; centroid-to-centroid is the
+caption's; all-views is the abstract's (see centroid_loss and the two functions after it).
 """
 
 import torch
@@ -27,6 +35,7 @@ from support import cli
 VIEWS = 4               # ours: M, the paper's "more than two views"; twice BYOL's compute per image
 SV_WEIGHT = 1.0         # ours: lambda_S, unit weight
 BROWNIAN_WEIGHT = 1.0   # ours: lambda_B, unit weight
+CENTROID = "leave-one-out"   # ours: neither of the paper's two sentences; chosen so that M = 2 is BYOL
 
 
 def view_specs(m):
@@ -40,13 +49,16 @@ def build_parser():
     p = byol.build_parser(__doc__)
     g = p.add_argument_group("MSBReg (Moon et al., 2022; our reconstruction, defaults ours)")
     g.add_argument("--views", default=VIEWS,
-                   type=cli.number(int, lambda m: m >= 2, "at least 2 (each view is pulled to the centroid of the others)"),
+                   type=cli.number(int, lambda m: m >= 2, "at least 2 (the centroid loss compares views)"),
                    help="M, views of each image (at least 2), alternating between BYOL's two augmentation settings; "
                         "ours: the paper's M could not be read")
     g.add_argument("--sv-weight", type=cli.finite_float, default=SV_WEIGHT,
                    help="lambda_S of the singular value loss (ours, untuned)")
     g.add_argument("--brownian-weight", type=cli.finite_float, default=BROWNIAN_WEIGHT,
                    help="lambda_B of the Brownian diffusive loss (ours, untuned)")
+    g.add_argument("--centroid", default=CENTROID, choices=tuple(CENTROID_READINGS),
+                   help="reading of the multiview centroid loss: leave-one-out (ours, M = 2 is BYOL), "
+                        "centroid-to-centroid (the paper's v1 figure caption), all-views (the paper's abstract)")
     return p
 
 
@@ -89,21 +101,68 @@ class MSBReg(byol.BYOL):
 # Loss: the three forces. B images, M views; n(x) = x / ||x||, the L2 normalisation.
 # ----------------------------------------------------------------------------------------------------------------
 def centroid_loss(p, t):
-    """(i) Multiview centroid loss. The paper: an attractive force pulls the embeddings of the views of one image
-    towards their centroid; the online network brings its embeddings to the centroid of the target network's
-    embeddings of the views of the same image.
+    """(i) Multiview centroid loss: our leave-one-out reading, chosen so that M = 2 is BYOL (--centroid
+    leave-one-out, the default). Neither of the paper's two sentences (quoted at the top of this file) says
+    leave-one-out: the caption's reading is centroid_to_centroid_loss, the abstract's all_views_centroid_loss.
 
-    Ours: L_C = (2 / M) sum_m mean_b ||n(p_bm) - c_bm||^2 with c_bm = n(sum_(k != m) n(t_bk)), the normalised
-    centroid of the target projections of the other views of image b (leave-one-out: a view never predicts its own
-    target); ||n(p) - c||^2 = 2 - 2 n(p).c as in byol.byol_loss. With M = 2 this is BYOL's symmetric loss (Eq. 3,
-    both directions summed), up to float rounding (t is normalised twice); the 2 / M keeps BYOL's scale for any M.
-    p, t (M, B, D); t is detached. float32."""
+    L_C = (2 / M) sum_m mean_b ||n(p_bm) - c_bm||^2 with c_bm = n(sum_(k != m) n(t_bk)), the normalised
+    centroid of the target projections of the other views of image b (a view never predicts its own target);
+    ||n(p) - c||^2 = 2 - 2 n(p).c as in byol.byol_loss. With M = 2 this is BYOL's symmetric loss (Eq. 3, both
+    directions summed), up to float rounding (t is normalised twice); the 2 / M keeps BYOL's scale for any M: twice
+    the mean over views of a squared distance of unit vectors, so L_C lies in [0, 8]. The gradient reaches the
+    predictions p only: t is detached (BYOL's stop-gradient). p, t (M, B, D); float32."""
     m = p.shape[0]
     with common.fp32(p):
         p, t = F.normalize(p.float(), dim=-1), F.normalize(t.detach().float(), dim=-1)
         others = 1 - torch.eye(m, device=t.device)                                # (M, M): k != m
         c = F.normalize(torch.einsum("mk,kbd->mbd", others, t), dim=-1)          # (M, B, D) leave-one-out centroids
         return 2 / m * (2 - 2 * (p * c).sum(dim=-1)).mean(dim=1).sum()
+
+
+def centroid_to_centroid_loss(p, t):
+    """(i) Multiview centroid loss, the v1 figure caption's reading (--centroid centroid-to-centroid): the distance
+    between the centroid of the online embeddings and that of the target embeddings of the views of one image.
+
+    L_C = 2 mean_b ||n(mean_m n(p_bm)) - n(mean_m n(t_bm))||^2. The online embeddings are the predictions p, as in
+    centroid_loss; predictions and targets are normalised before they are averaged (each view counts alike) and
+    the centroids after (a distance of unit vectors, as in centroid_loss). One distance per image, times 2: the
+    scale of centroid_loss (twice a mean of squared distances of unit vectors), so L_C lies in [0, 8]. The gradient
+    reaches every prediction through its image's online centroid; t is detached (BYOL's stop-gradient). Only the
+    centroids are matched: views that disagree cost nothing while their mean direction is the targets'.
+    p, t (M, B, D); float32."""
+    with common.fp32(p):
+        p, t = F.normalize(p.float(), dim=-1), F.normalize(t.detach().float(), dim=-1)
+        online, target = F.normalize(p.mean(dim=0), dim=-1), F.normalize(t.mean(dim=0), dim=-1)   # (B, D) each
+        return 2 * (2 - 2 * (online * target).sum(dim=-1)).mean()
+
+
+def all_views_centroid_loss(p, t):
+    """(i) Multiview centroid loss, the abstract's reading (--centroid all-views): each view's embedding is pulled
+    toward the centroid of all the views of its image, its own included.
+
+    L_C = (2 / M) sum_m mean_b ||n(p_bm) - c_b||^2 with c_b = n(sum_k n(t_bk)): centroid_loss with the view's own
+    target in the centroid, and on its scale (L_C in [0, 8]). The centroid is that of the target projections, so
+    that, as in BYOL, the pull moves the online predictions p only: t is detached and the centroid does not move
+    toward the predictions. p, t (M, B, D); float32."""
+    m = p.shape[0]
+    with common.fp32(p):
+        p, t = F.normalize(p.float(), dim=-1), F.normalize(t.detach().float(), dim=-1)
+        c = F.normalize(t.sum(dim=0), dim=-1)                                       # (B, D) all-views centroids
+        return 2 / m * (2 - 2 * (p * c).sum(dim=-1)).mean(dim=1).sum()
+
+
+# --centroid: reading -> (loss, formula for the objective line). With M = 2, B = 1, t_1 = e_1, t_2 = e_2 and each
+# prediction its own view's target they give 4 (leave-one-out: each view is 2 from the other's target), 0 and
+# 2 (2 - sqrt 2) = 1.17 (all-views: 2 - sqrt 2 = 0.586 per view from the centroid (e_1 + e_2) / sqrt 2).
+CENTROID_READINGS = {
+    "leave-one-out": (centroid_loss, "L_C = (2/M) sum_m ||n(p_m) - c_m||^2, c_m = n(sum_(k != m) n(t_k)) "
+                                     "(leave-one-out centroid of the target projections)"),
+    "centroid-to-centroid": (centroid_to_centroid_loss, "L_C = 2 ||n(mean_m n(p_m)) - n(mean_m n(t_m))||^2 "
+                                                        "(centroid of the predictions to centroid of the target "
+                                                        "projections: the paper's figure caption)"),
+    "all-views": (all_views_centroid_loss, "L_C = (2/M) sum_m ||n(p_m) - c||^2, c = n(sum_k n(t_k)) (centroid "
+                                           "of all views' target projections: the paper's abstract)"),
+}
 
 
 def singular_value_loss(z):
@@ -133,14 +192,15 @@ def brownian_loss(z, generator):
         return (F.normalize(z.float(), dim=-1) * F.normalize(eps, dim=-1)).sum(dim=-1).mean()
 
 
-def loss_terms(model, views, sv_weight, brownian_weight, seed=0):
+def loss_terms(model, views, sv_weight, brownian_weight, seed=0, centroid=CENTROID):
     """L = L_C + lambda_S L_S + lambda_B L_B on the M views (x_1, ..., x_M) of one micro-batch: the centroid loss
-    on the online predictions, the two dispersive forces on the online projections z (the embedding layer).
+    (the reading `centroid`, a key of CENTROID_READINGS) on the online predictions, the two dispersive forces on the
+    online projections z (the embedding layer).
     Under torchrun the dispersive forces see the global micro-batch (common.gather), and every process draws the
     same noise for all of it, so the run equals the one-process run."""
     z, p, t = model(*views)                                                       # each (M, B, D)
     z_all = torch.stack([common.gather(z_m) for z_m in z])                      # (M, W * B, D), W processes
-    terms = {"centroid": centroid_loss(p, t), "sv": singular_value_loss(z_all),
+    terms = {"centroid": CENTROID_READINGS[centroid][0](p, t), "sv": singular_value_loss(z_all),
              "brownian": brownian_loss(z_all, model.noise_generator(seed, z.device))}
     loss = terms["centroid"] + sv_weight * terms["sv"] + brownian_weight * terms["brownian"]
     return loss, terms
@@ -148,8 +208,8 @@ def loss_terms(model, views, sv_weight, brownian_weight, seed=0):
 
 def objective(args):
     return (f"L = L_C + {args.sv_weight} * L_S + {args.brownian_weight} * L_B over M = {args.views} views (MSBReg, "
-            f"our reconstruction): L_C = (2/M) sum_m ||n(p_m) - c_m||^2, c_m = n(sum_(k != m) n(t_k)) (leave-one-out "
-            f"centroid of the target projections); L_S = -mean singular value of n(z) of each view; "
+            f"our reconstruction): {CENTROID_READINGS[args.centroid][1]}; "
+            f"L_S = -mean singular value of n(z) of each view; "
             f"L_B = mean cos(z, eps), eps ~ N(0, I) per embedding and step")
 
 
@@ -168,14 +228,17 @@ def train(args, model=None):
     model = model if model is not None else build_model(args)
 
     def loss_fn(model, *views):
-        return loss_terms(model, views, args.sv_weight, args.brownian_weight, args.seed)
+        return loss_terms(model, views, args.sv_weight, args.brownian_weight, args.seed, args.centroid)
 
     return loop.pretrain(args, model, loss_fn, views=view_specs(args.views), after_step=byol.ema_step(args),
                            objective=objective(args))
 
 
 def parse_args(argv=None):
-    return byol.parse_args(argv, build_parser(), method="msbreg")
+    args = byol.parse_args(argv, build_parser(), method="msbreg")
+    if not hasattr(args, "centroid"):  # resuming a run from before --centroid: it trained the leave-one-out reading
+        args.centroid = CENTROID
+    return args
 
 
 def main(argv=None):

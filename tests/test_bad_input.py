@@ -104,6 +104,13 @@ def test_bad_numbers(script, flags, text, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_unknown_centroid_reading(tmp_path, capsys):
+    lines = check_refused(run_main("msbreg", ["--centroid", "leave-two-out", "--data-dir", tmp_path, "--out-dir",
+                                              tmp_path / "run"], capsys), "invalid choice: 'leave-two-out'")
+    assert len(lines) == 1 and "all-views" in lines[0]   # one line, naming the readings there are
+    assert not (tmp_path / "run").exists()
+
+
 def test_script_prints_one_line_for_a_bad_number(tmp_path):
     proc = run_script("byol.py", "--hidden-dim", "0", "--out-dir", tmp_path / "run")
     assert proc.returncode == 2 and proc.stderr.strip() == \

@@ -1,5 +1,6 @@
 """msbreg.py, our reconstruction of MSBReg: each force against a naive loop over images and views and its closed
-forms, M = 2 with zero weights is BYOL, exact resume with M = 4, end to end with linear_eval.py, bad input."""
+forms, the three readings of --centroid by hand, the default bit-identical to the code before the flag, M = 2 with
+zero weights is BYOL, exact resume with M = 4, end to end with linear_eval.py, bad input."""
 import json
 import math
 import os
@@ -7,6 +8,7 @@ import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import byol
 import common
@@ -50,6 +52,119 @@ def test_centroid_gradient_reaches_predictions_only():
     p, t = torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)
     msbreg.centroid_loss(p, t).backward()
     assert p.grad.abs().sum() > 0 and t.grad is None   # the target is a stop-gradient, as in BYOL
+
+
+# --- (i) centroid: the three readings of --centroid -----------------------------------------------------------------
+READINGS = ("leave-one-out", "centroid-to-centroid", "all-views")
+
+
+def reading(name):
+    return msbreg.CENTROID_READINGS[name][0]
+
+
+def test_the_three_readings_on_two_orthogonal_views():
+    """Issue 19's case: M = 2, B = 1, t_1 = e_1, t_2 = e_2, each prediction its own view's target. Leave-one-out:
+    each view is ||e_1 - e_2||^2 = 2 from the other's target, (2 / 2) (2 + 2) = 4. Caption: the two centroids are
+    both (e_1 + e_2) / sqrt 2: 0. Abstract: each view is ||e_1 - (e_1 + e_2) / sqrt 2||^2 = 2 - sqrt 2 = 0.586 from
+    the centroid; on the file's scale (2 / M summed over the views) the total is 2 (2 - sqrt 2) = 1.172."""
+    t = torch.eye(3)[:2].reshape(2, 1, 3)                                  # (M, B, D): t_1 = e_1, t_2 = e_2
+    assert reading("leave-one-out")(t.clone(), t).item() == pytest.approx(4.0, abs=1e-6)
+    assert reading("centroid-to-centroid")(t.clone(), t).item() == pytest.approx(0.0, abs=1e-6)
+    abstract = reading("all-views")(t.clone(), t).item()
+    assert abstract == pytest.approx(2 * (2 - math.sqrt(2)), abs=1e-6)
+    assert abstract / 2 == pytest.approx(0.586, abs=5e-4)                 # the issue's number: the mean per view
+    # every prediction opposite its own view's target: the caption's centroids are opposite too
+    assert reading("centroid-to-centroid")(-t, t).item() == pytest.approx(8.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("m", [3, 4])
+def test_the_three_readings_on_orthonormal_views(m):
+    """t_k = e_k, p_k = 3 e_k for M views. Leave-one-out: e_m is orthogonal to its centroid, 2 per view, 4 in all
+    for any M. Caption: the same centroid on both sides, 0. Abstract: e_m . (sum_k e_k) / sqrt M = 1 / sqrt M,
+    2 - 2 / sqrt M per view, twice that in all (2 at M = 4)."""
+    t = torch.eye(m + 1)[:m].reshape(m, 1, m + 1)
+    assert reading("leave-one-out")(3 * t, t).item() == pytest.approx(4.0, abs=1e-6)
+    assert reading("centroid-to-centroid")(3 * t, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert reading("all-views")(3 * t, t).item() == pytest.approx(2 * (2 - 2 / math.sqrt(m)), abs=1e-6)
+
+
+def test_centroid_to_centroid_matches_naive_loop():
+    torch.manual_seed(6)
+    m, b, d = 3, 4, 5
+    p, t = torch.randn(m, b, d), torch.randn(m, b, d)
+    total = 0.0
+    for j in range(b):
+        online = unit(sum(unit(p[i, j]) for i in range(m)))                 # the centroid of the predictions
+        target = unit(sum(unit(t[i, j]) for i in range(m)))                 # the centroid of the targets
+        total += float((online - target).norm()) ** 2 / b
+    assert reading("centroid-to-centroid")(p, t).item() == pytest.approx(2 * total, rel=1e-5)
+    # only the centroids are compared: the views may trade predictions at no cost
+    assert reading("centroid-to-centroid")(p.flip(0), t).item() == pytest.approx(2 * total, rel=1e-5)
+    # or disagree: t_1 = t_2 = e_1, p_1, p_2 = (e_1 +- e_2) / sqrt 2, whose centroid is e_1: 0 for the caption,
+    # 2 - 2 / sqrt 2 per view for the other two readings (each prediction is 45 degrees from the target)
+    e = torch.eye(2)
+    t, p = torch.stack([e[0], e[0]]).reshape(2, 1, 2), torch.stack([e[0] + e[1], e[0] - e[1]]).reshape(2, 1, 2)
+    assert reading("centroid-to-centroid")(p, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert reading("leave-one-out")(p, t).item() == pytest.approx(2 * (2 - math.sqrt(2)), abs=1e-6)
+    assert reading("all-views")(p, t).item() == pytest.approx(2 * (2 - math.sqrt(2)), abs=1e-6)
+
+
+def test_all_views_centroid_matches_naive_loop():
+    torch.manual_seed(7)
+    m, b, d = 3, 4, 5
+    p, t = torch.randn(m, b, d), torch.randn(m, b, d)
+    total = 0.0
+    for i in range(m):
+        for j in range(b):
+            centroid = unit(sum(unit(t[k, j]) for k in range(m)))           # all views, its own included
+            total += float((unit(p[i, j]) - centroid).norm()) ** 2 / b
+    assert reading("all-views")(p, t).item() == pytest.approx(2 / m * total, rel=1e-5)
+    # every prediction on its image's centroid: 0
+    c = torch.stack([unit(sum(unit(t[k, j]) for k in range(m))) for j in range(b)])   # (B, D)
+    assert reading("all-views")(c.expand(m, b, d) * 2, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", READINGS)
+def test_every_reading_moves_the_predictions_only(name):
+    torch.manual_seed(8)
+    p, t = torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 4, 5, requires_grad=True)
+    reading(name)(p, t).backward()
+    assert t.grad is None                                                  # BYOL's stop-gradient on the target
+    assert (p.grad.flatten(1).abs().sum(dim=1) > 0).all()                 # every view's prediction is pulled
+
+
+def centroid_loss_before_issue_19(p, t):
+    """The body of msbreg.centroid_loss before --centroid (commit efbc733), verbatim: the default must not change."""
+    m = p.shape[0]
+    with common.fp32(p):
+        p, t = F.normalize(p.float(), dim=-1), F.normalize(t.detach().float(), dim=-1)
+        others = 1 - torch.eye(m, device=t.device)                                # (M, M): k != m
+        c = F.normalize(torch.einsum("mk,kbd->mbd", others, t), dim=-1)          # (M, B, D) leave-one-out centroids
+        return 2 / m * (2 - 2 * (p * c).sum(dim=-1)).mean(dim=1).sum()
+
+
+def test_default_reading_is_bit_identical_to_the_code_before_the_flag():
+    assert msbreg.parse_args([]).centroid == msbreg.CENTROID == "leave-one-out"
+    torch.manual_seed(9)
+    p, t = torch.randn(4, 6, 8), torch.randn(4, 6, 8)
+    grads = []
+    for loss in (centroid_loss_before_issue_19, reading(msbreg.CENTROID)):
+        x = p.clone().requires_grad_()
+        value = loss(x, t)
+        value.backward()
+        grads.append((value, x.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    # through loss_terms, as training calls it: the same seed and views give the same centroid term and total
+    views = [torch.randn(6, 3, 8, 8) for _ in range(4)]
+    model = tiny_msbreg()
+    _, p, t = model(*views)
+    before = centroid_loss_before_issue_19(p, t)
+    for kwargs in ({}, {"centroid": "leave-one-out"}):
+        loss, terms = msbreg.loss_terms(tiny_msbreg(), views, 1.0, 1.0, seed=3, **kwargs)
+        assert torch.equal(terms["centroid"], before)
+        assert torch.equal(loss, before + terms["sv"] + terms["brownian"])
+    other, _ = msbreg.loss_terms(tiny_msbreg(), views, 1.0, 1.0, seed=3, centroid="all-views")
+    assert not torch.equal(other, loss)
 
 
 # --- (ii) singular values --------------------------------------------------------------------------------------------
@@ -155,6 +270,47 @@ def test_two_views_with_zero_weights_is_byol(cifar_dir, tmp_path, no_md5):
                         changed) == 0
     moved = (changed.encoder.net[1].weight - model.encoder.net[1].weight).abs().max()
     assert moved > 1e-3   # 0.023 measured, against < 3e-7 between msbreg.py at zero weights and byol.py
+
+
+@pytest.mark.parametrize("name", ["centroid-to-centroid", "all-views"])
+def test_centroid_flag_chooses_the_loss_of_the_run(name, cifar_dir, tmp_path, no_md5, monkeypatch, capsys):
+    called = {key: 0 for key in READINGS}
+
+    def counted(key):
+        loss, formula = msbreg.CENTROID_READINGS[key]
+
+        def spy(p, t):
+            called[key] += 1
+            return loss(p, t)
+        return spy, formula
+    for key in READINGS:
+        monkeypatch.setitem(msbreg.CENTROID_READINGS, key, counted(key))
+    out = tmp_path / "run"
+    args = msbreg.parse_args(tiny_argv(cifar_dir, out, "--epochs", "1", "--centroid", name))
+    assert msbreg.train(args, tiny_msbreg()) == 0
+    assert called == {key: 5 if key == name else 0 for key in READINGS}             # one per micro-batch
+    assert msbreg.CENTROID_READINGS[name][1] in capsys.readouterr().out            # the objective line says it
+    assert json.loads((out / "args.json").read_text())["centroid"] == name
+    (row,) = rows(out)
+    assert 0 <= row["centroid"] <= 8
+
+
+def test_runs_from_before_the_flag_are_the_default_reading(tmp_path):
+    """results.py groups a run by the settings that differ from its preset: an args.json written before --centroid
+    (no such key) and one written with the default are the same setting; a resumed old run trains leave-one-out."""
+    import results
+    new = json.loads(json.dumps(vars(msbreg.parse_args(["--dataset", "cifar10", "--views", "2"]))))  # as args.json
+    old = {k: v for k, v in new.items() if k != "centroid"}
+    assert new["centroid"] == "leave-one-out"
+    assert results.settings(old) == results.settings(new) == (("views", 2),)
+    caption = {**new, "centroid": "centroid-to-centroid"}
+    assert results.settings(caption) == (("centroid", "centroid-to-centroid"), ("views", 2))
+    assert results.flags("msbreg", results.settings(caption)) == "--centroid centroid-to-centroid --views 2"
+    # --resume of a checkpoint whose saved args predate the flag
+    torch.save({"format": runs.CHECKPOINT_FORMAT, "args": old, "step": 5, "epoch": 1}, tmp_path / "last.pt")
+    args = msbreg.parse_args(["--resume", str(tmp_path)])
+    assert args.centroid == "leave-one-out" and args.views == 2
+    assert msbreg.CENTROID_READINGS["leave-one-out"][1] in msbreg.objective(args)
 
 
 @pytest.mark.parametrize("augment", ["batched", "per-image"])

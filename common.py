@@ -336,6 +336,8 @@ def encoder_from_checkpoint(ckpt, source="the checkpoint"):
 # ----------------------------------------------------------------------------------------------------------------
 # Optimisation (Appendix B.2)
 # ----------------------------------------------------------------------------------------------------------------
+# Deviation: the LR sits inside the momentum buffer (v <- m v + lr u; w <- w - v: SimCLR's form); official BYOL,
+# VICReg and SFRIK keep v unscaled and step w <- w - lr v. Equal at a constant LR; see docs/deviations.md.
 class LARS(torch.optim.Optimizer):
     """LARS (You et al., 2017) as used by SimCLR and BYOL (Appendix B.2).
 

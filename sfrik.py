@@ -26,6 +26,8 @@ from support import cli
 # Official recipes: LARS base LR x batch/256, weight decay 1e-6, lambda_inv 4000 for q = 8192 (40000 for q = 32768).
 # Deviation: the official cosine ends at 0.001 x the peak LR; ours (common.lr_at) ends at 0.
 # Deviation: the MMD is computed in float32 (common.mmd_to_uniform); the official code runs it in fp16 autocast.
+# Deviation: each epoch's last, smaller batch is dropped (loop.pretrain), which the official loader keeps: 48 steps
+# per STL-10 epoch (100,000 // 2048), not 49; 625 on ImageNet (1,281,167 // 2048), not 626.
 _STL10 = dict(arch="resnet18", batch_size=2048, base_lr=1.2, weight_decay=1e-6, inv_weight=4000.0,
               expander=(8192, 8192, 8192))                                      # official STL-10 command
 PRESETS = {

@@ -12,22 +12,33 @@ READER_PATH = ["byol.py", "byol_uniformity.py", "byol_mhe.py", "simclr.py", "sfr
                "loop.py"]
 
 
-def imported_after(module):
-    """The modules of this repository that importing `module` in a fresh interpreter loads."""
-    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    return set(proc.stdout.split())
-
-
 def test_common_imports_neither_the_loop_nor_the_command_line_nor_the_batched_views():
-    loaded = imported_after("common")
-    assert not loaded & {"loop", "support.cli", "support.batched_views"}, loaded
+    code = "import sys, common; print(' '.join(sorted(sys.modules)))"  # a fresh interpreter: nothing loaded before
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    loaded = set(proc.stdout.split())
+    assert "common" in loaded and not loaded & {"loop", "support.cli", "support.batched_views"}, loaded
 
 
-@pytest.mark.parametrize("module", ["support.errors", "support.distributed", "support.runs", "support.cli",
-                                    "support.batched_views"])
-def test_support_never_imports_the_loop(module):
-    assert "loop" not in imported_after(module)
+def imports_of(path):
+    """Every module an `import` statement of the file names, wherever it stands (also inside a function)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("name", ["errors", "distributed", "runs", "cli", "batched_views"])
+def test_support_never_imports_the_loop(name):
+    assert not {"loop", "support.loop"} & imports_of(ROOT / "support" / f"{name}.py")
+
+
+def test_imports_of_sees_every_form_of_import(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import loop\nfrom support import cli\ndef f():\n    from loop import pretrain\n")
+    assert {"loop", "support.cli"} <= imports_of(path)
 
 
 def body_lines(function):

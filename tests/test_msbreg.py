@@ -24,16 +24,22 @@ def unit(v):
 
 
 # --- (i) centroid ----------------------------------------------------------------------------------------------------
-def test_centroid_loss_matches_naive_loop():
-    torch.manual_seed(0)
-    m, b, d = 3, 4, 5
-    p, t = torch.randn(m, b, d), torch.randn(m, b, d)
+def naive_centroid_loss(p, t, own_view):
+    """(2 / M) sum over views i and images j of ||p_ij/|p_ij| - c_ij||^2 / B, written as loops; c_ij is the unit
+    centroid of the unit targets of image j's views, view i's own target included only when `own_view`."""
+    m, b, _ = p.shape
     total = 0.0
     for i in range(m):
         for j in range(b):
-            centroid = unit(sum(unit(t[k, j]) for k in range(m) if k != i))   # the other views' targets only
+            centroid = unit(sum(unit(t[k, j]) for k in range(m) if own_view or k != i))
             total += float((unit(p[i, j]) - centroid).norm()) ** 2 / b
-    assert msbreg.centroid_loss(p, t).item() == pytest.approx(2 / m * total, rel=1e-5)
+    return 2 / m * total
+
+
+def test_centroid_loss_matches_naive_loop():
+    torch.manual_seed(0)
+    p, t = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    assert msbreg.centroid_loss(p, t).item() == pytest.approx(naive_centroid_loss(p, t, own_view=False), rel=1e-5)
 
 
 def test_centroid_loss_closed_forms():
@@ -113,12 +119,7 @@ def test_all_views_centroid_matches_naive_loop():
     torch.manual_seed(7)
     m, b, d = 3, 4, 5
     p, t = torch.randn(m, b, d), torch.randn(m, b, d)
-    total = 0.0
-    for i in range(m):
-        for j in range(b):
-            centroid = unit(sum(unit(t[k, j]) for k in range(m)))           # all views, its own included
-            total += float((unit(p[i, j]) - centroid).norm()) ** 2 / b
-    assert reading("all-views")(p, t).item() == pytest.approx(2 / m * total, rel=1e-5)
+    assert reading("all-views")(p, t).item() == pytest.approx(naive_centroid_loss(p, t, own_view=True), rel=1e-5)
     # every prediction on its image's centroid: 0
     c = torch.stack([unit(sum(unit(t[k, j]) for k in range(m))) for j in range(b)])   # (B, D)
     assert reading("all-views")(c.expand(m, b, d) * 2, t).item() == pytest.approx(0.0, abs=1e-6)

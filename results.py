@@ -9,8 +9,15 @@ apart from --seed and the flags that do not change what is trained (--device, --
 row's: the settings that differ from the method's preset for the run's --dataset and --epochs, read with the
 method's own parse_args. Runs of one row are averaged over seeds (mean, sample standard deviation). Runs that are
 not finished are listed apart and never averaged in; runs that match no row of the paper go to "Other runs".
+
+No run is counted twice: each real folder is read once (a link, a loop or a path given twice is noted), a copy of a
+run folder (the same args.json and metrics rows, e.g. cp -r run run.bak) is counted once, and different runs with
+the same settings and seed are averaged in neither; all are listed under "Duplicates" with their paths. A file with
+a field of the wrong type is skipped with a note (a metrics row as an unreadable line is). --out never replaces an
+earlier report: when the folder holds one, the report goes to <out>-2, -3, ...
 matplotlib is needed for --out only (the training scripts never import it).
 """
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -160,7 +167,10 @@ MEASURE_NAMES = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN"}
 # Settings: what distinguishes a run from its method's preset
 # ----------------------------------------------------------------------------------------------------------------
 def norm(value):
-    """A JSON value in comparable form: lists become tuples; a list of names (--mhe-on) is an unordered set."""
+    """A JSON value in comparable (hashable) form: lists become tuples; a list of names (--mhe-on) is an unordered
+    set; an object (no flag writes one) becomes its sorted (key, value) pairs."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), norm(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         items = tuple(norm(v) for v in value)
         return tuple(sorted(items)) if all(isinstance(v, str) for v in items) else items
@@ -181,15 +191,27 @@ def preset_args(method, dataset, epochs):
     return parsed_args(method, ("--dataset", str(dataset), "--epochs", str(epochs)))
 
 
-@functools.lru_cache(maxsize=None)
 def parsed_args(method, argv):
+    return parse_outcome(method, argv)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def parse_outcome(method, argv):
+    """(vars(args), None) of `python METHOD.py ARGV`; (None, None) when the method's script is not in this checkout;
+    (None, why) when the script refuses the arguments (a flag or value it does not know). argparse's own 'error:'
+    line is caught, not printed: it would read as results.py's error."""
     module = method_module(method)
     if module is None:
-        return None
+        return None, None
+    err = io.StringIO()
     try:
-        return vars(module.parse_args(list(argv)))
-    except (SystemExit, common.UserError):  # a flag or value this checkout does not know
-        return None
+        with contextlib.redirect_stderr(err):
+            return vars(module.parse_args(list(argv))), None
+    except SystemExit:
+        why = err.getvalue().strip().splitlines()
+        return None, (why[-1].removeprefix("error: ").removesuffix(" (see --help)") if why else "refused")
+    except common.UserError as e:
+        return None, str(e)
 
 
 def settings(args):
@@ -309,26 +331,87 @@ class Run:
         return self.args.get("seed")
 
 
+NUMBER = (int, float)
+# The fields of a linear_eval JSON that results.py reads, and their types (None, or absent: not recorded).
+EVAL_TYPES = dict(top1=NUMBER, top5=NUMBER, knn_top1=NUMBER, eval_split=str, dataset=str, epochs=int, precompute=bool,
+                  batch_size=int, lr=NUMBER, effective_lr=NUMBER, knn_k=int, knn_t=NUMBER, checkpoint_epoch=int)
+# The columns of a metrics row that results.py reads (and every eval_* one): numbers. The loss terms are drawn only
+# where every row holds a number (figures()).
+METRIC_TYPES = dict(epoch=int, step=NUMBER, knn_top1=NUMBER, images_per_s=NUMBER)
+
+
+def wrong_type(row, types):
+    """'name is value, not a ...' for the first field of `row` whose value is not of its type (a bool is neither a
+    number nor an int), or None; a field that is absent or null is not recorded, not wrong."""
+    for name, kind in types.items():
+        value = row.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)):
+            what = {bool: "true or false", int: "an integer", str: "a string"}.get(kind, "a number")
+            return f"{name} is {json.dumps(value)}, not {what}"
+    return None
+
+
+def args_problem(args):
+    """Why an args.json cannot be a run's (None when it can)."""
+    if not isinstance(args, dict):
+        return "not a JSON object"
+    if not all(isinstance(args.get(k), str) for k in ("method", "dataset")):
+        return "no method or dataset"
+    epochs = args.get("epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        return f"epochs is {json.dumps(epochs)}, not a positive integer"
+    return wrong_type(args, {"seed": int})
+
+
+def read_metrics(path, notes):
+    """{epoch: row} of metrics.jsonl; lines that are not JSON (a crash cut them short) or that hold a field of the
+    wrong type are ignored, with a note."""
+    rows, bad, typed = {}, 0, []
+    try:
+        lines = (path / "metrics.jsonl").read_bytes().splitlines()
+    except OSError as e:
+        notes.append(f"{path}: cannot read metrics.jsonl ({e.strerror or e}); read as no epochs")
+        return rows
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            epoch = row["epoch"]  # a row without its epoch is unreadable
+        except (ValueError, KeyError, TypeError, IndexError):
+            bad += int(bool(line.strip()))
+            continue
+        problem = wrong_type(row, {**METRIC_TYPES, **{k: NUMBER for k in row if k.startswith("eval_")}})
+        if problem is None and (epoch is None or epoch < 1):
+            problem = f"epoch is {json.dumps(epoch)}, not a positive integer"
+        if problem:
+            typed.append(f"line {n}: {problem}")
+            continue
+        rows[row["epoch"]] = row  # an epoch logged again after a resume: the later line wins
+    if bad:
+        notes.append(f"{path}: ignored {bad} unreadable line(s) of metrics.jsonl")
+    if typed:
+        notes.append(f"{path}: ignored {len(typed)} line(s) of metrics.jsonl with a field of the wrong type "
+                     f"({'; '.join(typed[:3])}{'; ...' if len(typed) > 3 else ''})")
+    return rows
+
+
 def read_run(path, notes):
     """A Run from a folder holding args.json, or None (with a note) when the folder cannot be read as one."""
     try:
-        args = json.loads((path / "args.json").read_text())
-        if not isinstance(args, dict) or not isinstance(args.get("epochs"), int) or \
-                not all(isinstance(args.get(k), str) for k in ("method", "dataset")):
-            raise ValueError("no method, dataset or epochs")
+        args = json.loads((path / "args.json").read_bytes())
+        problem = args_problem(args)
+        if problem:
+            raise ValueError(problem)
     except (OSError, ValueError) as e:
-        notes.append(f"skipped {path}: unreadable args.json ({e})")
+        notes.append(f"skipped {path}: unreadable args.json ({getattr(e, 'strerror', None) or e})")
         return None
-    rows, bad = {}, 0
-    if (path / "metrics.jsonl").exists():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-                rows[row["epoch"]] = row  # an epoch logged again after a resume: the later line wins
-            except (ValueError, KeyError, TypeError):
-                bad += int(bool(line.strip()))
-    if bad:
-        notes.append(f"{path}: ignored {bad} unreadable line(s) of metrics.jsonl")
+    _, refused = parse_outcome(args["method"], ("--dataset", args["dataset"], "--epochs", str(args["epochs"])))
+    if refused:  # the script is here, and its parser refuses the run's own dataset or epochs
+        notes.append(f"skipped {path}: {args['method']}.py of this checkout refuses args.json's --dataset "
+                     f"{args['dataset']} --epochs {args['epochs']} ({refused})")
+        return None
+    rows = read_metrics(path, notes) if (path / "metrics.jsonl").exists() else {}
     run = Run(path, args, [rows[e] for e in sorted(rows)])
     run.last_epoch = max(rows, default=0)
     # encoder.pt is written after the last epoch's checkpoint, so a run killed between its last metrics row and
@@ -340,10 +423,16 @@ def read_run(path, notes):
                    if (m := EVAL_FILE.match(p.name)))
     for split, _, p in files:  # in order of evaluation: a later one with the same protocol replaces an earlier one
         try:
-            result = json.loads(p.read_text())
-            protocol = protocol_of({"eval_split": split, **result}, args["dataset"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            notes.append(f"{p}: not a linear_eval result ({e}), ignored")
+            result = json.loads(p.read_bytes())
+            if not isinstance(result, dict):
+                raise ValueError("not a JSON object")
+            problem = wrong_type(result, EVAL_TYPES)
+            if problem:
+                raise ValueError(problem)
+            protocol = protocol_of({"eval_split": split, **{k: v for k, v in result.items() if v is not None}},
+                                   args["dataset"])
+        except (OSError, ValueError) as e:
+            notes.append(f"{p}: not a linear_eval result ({getattr(e, 'strerror', None) or e}), ignored")
             continue
         epoch = result.get("checkpoint_epoch")  # older results do not record it
         if epoch is not None and epoch < args["epochs"]:
@@ -374,17 +463,29 @@ def protocol_of(result, train_dataset):
 
 
 def find_runs(paths, notes):
-    """Every run folder (a folder with args.json) under `paths`; leaf folders that are not runs get a note."""
-    runs = []
+    """Every run folder (a folder with args.json) under `paths`, each real folder once: a link to a folder already
+    seen (a loop such as loop/self -> .), or a path given twice, is read once, with a note. Leaf folders that are
+    not runs get a note. Returns the runs and the number of folders with args.json (read or skipped)."""
+    runs, seen, candidates = [], {}, []  # seen: real path -> the path it was first reached by
 
     def visit(folder, root):
+        real = folder.resolve()
+        if real in seen:
+            notes.append(f"{folder}: the same folder as {seen[real]} (a link, or a path given twice), read once")
+            return
+        seen[real] = folder
         if (folder / "args.json").is_file():
+            candidates.append(folder)
             run = read_run(folder, notes)
             if run is not None:
                 run.name = str(folder.relative_to(root)) if folder != root else folder.resolve().name
                 runs.append(run)
             return
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError as e:
+            notes.append(f"skipped {folder}: cannot list it ({e.strerror or e})")
+            return
         if not children and folder != root:  # an empty root: the error below says it
             notes.append(f"skipped {folder}: not a run folder (no args.json)")
         for child in children:
@@ -394,7 +495,60 @@ def find_runs(paths, notes):
         if not path.is_dir():
             raise common.UserError(f"{path} is not a folder (give run folders or folders that hold them)")
         visit(path, path)
-    return runs
+    return runs, len(candidates)
+
+
+def content(run):
+    """What a copy of a run folder (cp -r run run.bak) shares with it: args.json but for out_dir, and every metrics
+    row (their seconds alone tell two trainings apart)."""
+    return json.dumps([{k: v for k, v in run.args.items() if k != "out_dir"}, run.metrics], sort_keys=True)
+
+
+def set_apart_duplicates(runs, notes):
+    """(the runs to count, [(run set apart, [the runs it duplicates], is_copy)]). Copies of one run (the same
+    content()) are counted once: the copy with the most evaluations, then the first found. Different finished runs
+    with the same settings and seed are not several seeds: none of them is averaged in."""
+    by_content = {}
+    for run in runs:
+        by_content.setdefault(content(run), []).append(run)
+    kept, duplicates = [], []
+    for run in runs:
+        copies = by_content[content(run)]
+        counted = max(copies, key=lambda r: (r.finished, len(r.eval_files)))  # the first of the best
+        if run is counted:
+            kept.append(run)
+        else:
+            duplicates.append((run, [counted], True))
+            notes.append(f"{run.path}: a copy of {counted.path} (the same args.json and metrics.jsonl), counted once")
+    by_seed = {}
+    for run in kept:
+        if run.finished:
+            by_seed.setdefault((run.key, run.seed), []).append(run)
+    clashes = [same for same in by_seed.values() if len(same) > 1]
+    for same in clashes:
+        duplicates += [(run, [r for r in same if r is not run], False) for run in same]
+        notes.append(f"{', '.join(str(r.path) for r in same)}: different runs with the same settings and seed "
+                     f"{same[0].seed}: none of them is averaged in (see Duplicates)")
+    apart = {id(run) for same in clashes for run in same}
+    return [run for run in kept if id(run) not in apart], duplicates
+
+
+def duplicates_section(duplicates, report):
+    if not duplicates:
+        return
+    report.append("## Duplicates (never counted twice)\n")
+    copies = [(run, of[0]) for run, of, copy in duplicates if copy]
+    if copies:
+        report.append("Copies of one run (the same args.json but for out_dir, the same metrics.jsonl), counted once "
+                      "as the first path:\n")
+        report += md_table(["counted", "copy"], [[str(of.path), str(run.path)] for run, of in copies]) + [""]
+    clashes = [(run, of) for run, of, copy in duplicates if not copy]
+    if clashes:
+        report.append("Different runs with the same settings and seed: not several seeds, so none of them is "
+                      "averaged in (remove one, or give it another `--seed`):\n")
+        report += md_table(["settings", "seed", "run", "same settings and seed as"],
+                           [[f"`{group_label(run.key)}`", run.seed, str(run.path), ", ".join(str(r.path) for r in of)]
+                            for run, of in clashes]) + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -752,20 +906,39 @@ def build_parser():
     return p
 
 
-def runs_csv(runs):
+def runs_csv(runs, duplicates):
+    apart = {id(run): (of, copy) for run, of, copy in duplicates}
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["run", "method", "dataset", "epochs", "seed", "settings", "finished", "epochs_done",
-                "eval_file", "protocol", "top1", "top5", "knn_top1"])
+                "eval_file", "protocol", "top1", "top5", "knn_top1", "counted"])
     for r in runs:
+        of, copy = apart.get(id(r), (None, None))
+        counted = "yes" if of is None else \
+            f"no: {'a copy of' if copy else 'same settings and seed as'} {', '.join(str(o.path) for o in of)}"
         base = [r.path, r.method, r.args["dataset"], r.args["epochs"], r.seed, group_label(r.key), r.finished,
                 r.last_epoch]
         for p, result in r.evals.items():
             w.writerow(base + [r.eval_files[p], p.describe(), result.get("top1"), result.get("top5"),
-                               result.get("knn_top1")])
+                               result.get("knn_top1"), counted])
         if not r.evals:
-            w.writerow(base + ["", "", "", "", ""])
+            w.writerow(base + ["", "", "", "", "", counted])
     return buf.getvalue()
+
+
+# What a report writes into --out; a folder holding any of these holds an earlier report.
+REPORT_FILES = ("results.md", "results.csv", "runs.csv", "loss_curves", "fig*.png", "family*.png")
+
+
+def report_folder(out):
+    """`out`, or, when it holds an earlier report, the first of <out>-2, <out>-3, ... that does not exist: an
+    earlier report is never replaced (as linear_eval.py never replaces a result)."""
+    if not (out.is_dir() and any(next(out.glob(pattern), None) for pattern in REPORT_FILES)):
+        return out
+    base, n = out if out.name else out.resolve(), 2
+    while (free := base.with_name(f"{base.name}-{n}")).exists():
+        n += 1
+    return free
 
 
 def main(argv=None):
@@ -773,33 +946,44 @@ def main(argv=None):
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise common.UserError(f"--out {args.out} is a file, not a folder")
     notes = []
-    runs = find_runs(args.paths, notes)
+    found, candidates = find_runs(args.paths, notes)
+    runs, duplicates = set_apart_duplicates(found, notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if not runs:
-        raise common.UserError(f"no run folders (folders with args.json) under {', '.join(map(str, args.paths))}")
+    if not found:
+        where = ", ".join(map(str, args.paths))
+        raise common.UserError(f"no readable run folders under {where} (each is skipped in a note above)" if candidates
+                               else f"no run folders (folders with args.json) under {where}")
     done = [r for r in runs if r.finished]
     groups = {}
     for r in done:
         groups.setdefault(r.key, []).append(r)
 
-    report, records = [f"# Results: {len(done)} finished run(s), {len(runs) - len(done)} unfinished\n"], []
+    report = [f"# Results: {len(done)} finished run(s), {len(runs) - len(done)} unfinished"
+              + (f"; {len(duplicates)} duplicate(s) set apart" if duplicates else "") + "\n"]
+    records = []
     paper_tables(groups, report, records)
     other_runs(groups, report, records)
     unfinished([r for r in runs if not r.finished], report)
+    duplicates_section(duplicates, report)
     if not done:
         report.append("No finished runs yet.\n")
 
     if args.out is not None:
+        out = report_folder(args.out)
+        if out != args.out:
+            print(f"note: --out {args.out} holds an earlier report, kept; this one goes to {out}", file=sys.stderr)
+        copies = {id(run) for run, _, copy in duplicates if copy}
         try:
-            write_out(args.out, report, records, groups, runs)
+            write_out(out, report, records, groups, [r for r in found if id(r) not in copies], found, duplicates)
         except OSError as e:
-            raise common.UserError(f"cannot write into --out {args.out}: {e.strerror or e}")
+            raise common.UserError(f"cannot write into --out {out}: {e.strerror or e}")
     print("\n".join(report))
     return 0
 
 
-def write_out(out, report, records, groups, runs):
+def write_out(out, report, records, groups, runs, found, duplicates):
+    """results.md, results.csv, runs.csv (every run found) and the figures (loss curves of `runs`) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     notes = []
     written = figures(groups, runs, out, notes)
@@ -810,7 +994,7 @@ def write_out(out, report, records, groups, runs):
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(records)
-    (out / "runs.csv").write_text(runs_csv(runs))
+    (out / "runs.csv").write_text(runs_csv(found, duplicates))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,12 @@ row's: the settings that differ from the method's preset for the run's --dataset
 method's own parse_args. Runs of one row are averaged over seeds (mean, sample standard deviation). Runs that are
 not finished are listed apart and never averaged in; runs that match no row of the paper go to "Other runs".
 
+The uniformity family side by side: runs that share a recipe (dataset, encoder, image size, epochs, batch and the
+k-NN/analysis monitor) and are of two methods or more form a table, one row per method, setting and linear probe
+protocol (seeds averaged), with the paper's measures (linear top-1/top-5, k-NN, eval_uniformity, eval_mmd_legendre,
+eval_alignment, the projector's MHE, images/s); with --out also its alignment-uniformity plane and its curves
+(family<N>_plane.png, family<N>_curves.png). docs/family.md gives the commands of one shared recipe.
+
 No run is counted twice: each real folder is read once (a link, a loop or a path given twice is noted), a copy of a
 run folder (the same args.json and metrics rows, e.g. cp -r run run.bak) is counted once, and different runs with
 the same settings and seed are averaged in neither; all are listed under "Duplicates" with their paths. A file with
@@ -64,7 +70,8 @@ TABLES = {
                       measures=("top1",), seeds=3, note="Fig. 8 plots each method's drop from its 1024 row"),
 }
 
-NAMES = {"simclr": "SimCLR*", "byol": "BYOL*", "byol_uniformity": "BYOL + L_uni", "byol_mhe": "BYOL-MHE"}
+NAMES = {"simclr": "SimCLR*", "byol": "BYOL*", "byol_uniformity": "BYOL + L_uni", "byol_mhe": "BYOL-MHE",
+         "sfrik": "SFRIK", "msbreg": "MSBReg"}
 ALL = "--mhe-on encoder,projector,predictor"
 IN1K, C10, C100, STL = "--dataset imagenet", "--dataset cifar10", "--dataset cifar100", "--dataset stl10"
 
@@ -220,9 +227,18 @@ def settings(args):
     preset = preset_args(args.get("method"), args.get("dataset"), args.get("epochs"))
     if preset is None:
         return None
+    # --stem cifar on CIFAR is the preset's encoder (--stem auto): the same setting, so that neither its rows nor
+    # its seeds are told apart from the preset's.
+    args, preset = {**args, "stem": stem_of(args)}, {**preset, "stem": stem_of(preset)}
     # A key this version's parser does not know is shown (it may matter); one the run lacks predates its flag.
     return tuple(sorted((k, norm(v)) for k, v in args.items()
                         if k not in NOT_SETTINGS and (k not in preset or norm(v) != norm(preset[k]))))
+
+
+def stem_of(args):
+    """The stem --stem gives: auto is the CIFAR stem for CIFAR-10/100 only (Appendix B.1), as common.resolve_stem."""
+    stem = args.get("stem", "auto")
+    return stem if stem != "auto" else "cifar" if args.get("dataset") in ("cifar10", "cifar100") else "imagenet"
 
 
 def flags(method, setting):
@@ -562,11 +578,11 @@ def mean_std(values):
     return mean, std
 
 
-def fmt(stats):
+def fmt(stats, digits=2):
     if stats is None:
         return "-"
     mean, std = stats
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def md_table(header, lines):
@@ -604,8 +620,9 @@ def evaluated(runs, protocol, measure, knn=True):
     return (mean_std([v for _, v in done]) if done else None), [r for r, _ in done]
 
 
+# section "family": table is the recipe's flags, commands the training and evaluation commands of the row
 CSV_FIELDS = ("section", "table", "row", "method", "settings", "protocol", "papers_protocol", "measure", "paper",
-              "mean", "std", "n", "seeds")
+              "mean", "std", "n", "seeds", "commands")
 
 
 def record(*values):
@@ -730,6 +747,196 @@ def unfinished(runs, report):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The uniformity family side by side, one recipe at a time
+# ----------------------------------------------------------------------------------------------------------------
+# A recipe is what every method of a comparison shares: the data, the encoder, the schedule's length and batch, and
+# the monitor that measures the runs during training (the k-NN and the analysis behind eval_uniformity,
+# eval_alignment, ...). All are flags of every training script (common.py's shared parser). Anything else is a
+# method's own setting: a row. A linear probe's protocol is a row's too, so that two protocols are never averaged.
+RECIPE = ("dataset", "subset", "arch", "stem", "batchnorm", "image_size", "epochs", "batch_size", "eval_split",
+          "knn_k", "knn_t", "analysis_samples")
+FAMILY_METHODS = ("byol", "byol_uniformity", "byol_mhe", "simclr", "sfrik", "msbreg")  # a colour each, in this order
+# (name, column header, decimals): the family table's measures. knn_monitor: the k-NN monitor's last top-1 (metrics
+# .jsonl); eval_*: the analysis of the run's last evaluation; images_per_s: the mean over the run's epochs.
+FAMILY_MEASURES = (("top1", "top-1", 2), ("top5", "top-5", 2), ("knn_monitor", "k-NN monitor", 2),
+                   ("eval_uniformity", "G2 (Eq. 2)", 3), ("eval_mmd_legendre", "MMD Legendre", 3),
+                   ("eval_alignment", "alignment (Eq. A.1)", 3), ("eval_mhe_projector", "MHE projector", 3),
+                   ("images_per_s", "images/s", 0))
+
+
+def recipe_of(args):
+    """((name, value), ...) of RECIPE, --stem auto read as the stem it gives."""
+    values = {**args, "batchnorm": args.get("batchnorm", True), "stem": stem_of(args)}
+    return tuple((name, norm(values.get(name))) for name in RECIPE)
+
+
+def recipe_flags(recipe):
+    """The recipe as flags of any training script, e.g. '--dataset cifar10 --arch resnet18 ... --batch-size 1024'."""
+    out = []
+    for name, value in recipe:
+        if name == "batchnorm":
+            out += [] if value else ["--no-batchnorm"]
+        elif value is not None:  # --subset not given; an old run without --analysis-samples
+            out.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(out)
+
+
+def recipe_title(recipe):
+    r = dict(recipe)
+    subset = f" (first {r['subset']} images)" if r["subset"] else ""
+    return (f"{r['dataset']}{subset}, {r['arch']} ({r['stem']} stem), "
+            f"{'BatchNorm' if r['batchnorm'] else 'no BatchNorm'}, {r['image_size']} px, {r['epochs']} "
+            f"epoch{'s' * (r['epochs'] != 1)}, "
+            f"batch {r['batch_size']}; monitor on the {r['eval_split']} split (k-NN k = {r['knn_k']}, T = "
+            f"{r['knn_t']}; analysis of {known(r['analysis_samples'])} images)")
+
+
+def probe_flags(probe):
+    """linear_eval.py's flags for a probe protocol (those it records)."""
+    parts = [f"--dataset {probe.dataset}" if probe.dataset else "", f"--eval-split {probe.eval_split}",
+             f"--epochs {probe.epochs}" if probe.epochs is not None else "",
+             f"--batch-size {probe.batch_size}" if probe.batch_size is not None else "",
+             f"--lr {probe.lr}" if probe.lr is not None else "", "--precompute" if probe.precompute else ""]
+    return " ".join(p for p in parts if p)
+
+
+def row_setting(run):
+    """The run's settings beside its method's preset, less the recipe's (a recipe flag is the same on every row)."""
+    return tuple((name, value) for name, value in run.key[3] if name not in RECIPE)
+
+
+def row_label(method, setting):
+    text = flags(method, setting)
+    return f"{NAMES.get(method, method)}{' ' + text if text else ''}"
+
+
+def last_evaluation(run):
+    """The metrics row of the run's last evaluation (the k-NN monitor and the analysis), or {}."""
+    return next((row for row in reversed(run.metrics) if "knn_top1" in row), {})
+
+
+def family_value(run, probe, measure):
+    if measure in ("top1", "top5"):
+        return (result_of(run, probe, False) or {}).get(measure) if probe else None
+    if measure == "images_per_s":
+        values = [row["images_per_s"] for row in run.metrics if "images_per_s" in row]
+        return sum(values) / len(values) if values else None
+    return last_evaluation(run).get("knn_top1" if measure == "knn_monitor" else measure)
+
+
+def family_recipes(groups):
+    """[(recipe, its finished runs)] of every recipe with runs of two methods or more (a comparison), and
+    [(recipe, method, runs)] of the recipes with one method only. Runs whose method's script is not here have no
+    preset to tell their settings from the recipe's: left out."""
+    by_recipe = {}
+    for key in groups:
+        if not (key[3] and key[3][0][0] == NO_SCRIPT):
+            for run in groups[key]:
+                by_recipe.setdefault(recipe_of(run.args), []).append(run)
+    shown, alone = [], []
+    for recipe in sorted(by_recipe, key=str):
+        runs = by_recipe[recipe]
+        methods = sorted({r.method for r in runs})
+        if len(methods) > 1:
+            shown.append((recipe, runs))
+        else:
+            alone.append((recipe, methods[0], runs))
+    return shown, alone
+
+
+def probe_order(probes):
+    """The paper's probe first (Appendix D), then the others by their description."""
+    return sorted(probes, key=lambda p: (bool(p.differences("Table 5")), p.describe(knn=False)))
+
+
+def family_rows(runs):
+    """{(method, setting, probe): runs}: a run evaluated with two probe protocols is in two rows (never averaged
+    with itself), one never evaluated is in a row with probe None."""
+    rows = {}
+    for run in runs:
+        probes = list(dict.fromkeys(project(p, False) for p in run.evals)) or [None]
+        for probe in probes:
+            rows.setdefault((run.method, row_setting(run), probe), []).append(run)
+    return rows
+
+
+def paper_numbers(runs):
+    """The paper's top-1 for these runs' settings, e.g. '90.74 (Tables 4, 5, C.7, C.8)', or '-'."""
+    keys = {r.key for r in runs}
+    numbers = {}
+    for row in paper_rows():
+        if row.key in keys:
+            tables = numbers.setdefault(row.paper["top1"], [])
+            if row.table not in tables:
+                tables.append(row.table)
+    return "; ".join(f"{n:.2f} ({'Tables' if len(t) > 1 else 'Table'} "
+                     f"{', '.join(x.removeprefix('Table ') for x in t)})" for n, t in numbers.items()) or "-"
+
+
+def family_tables(groups, report, records):
+    """Per recipe with two methods or more: one row per method, setting and probe protocol, seeds averaged."""
+    shown, alone = family_recipes(groups)
+    if not shown:
+        return
+    report.append("## The uniformity family, one recipe at a time\n")
+    report.append("Every method trained on the same data, encoder, epochs and batch, and measured by the same "
+                  "monitor: the k-NN monitor's last top-1 and the analysis of the last evaluation (Section 5): G2 "
+                  "(Eq. 2, t = 2) and SFRIK's Legendre MMD to the uniform law of the encoder features (lower: more "
+                  "uniform), alignment (Eq. A.1) of two views' features (lower: better aligned), the projector's "
+                  "MHE (Eq. 7). One row per method and setting beside its preset (seeds averaged: mean ± sample "
+                  "std) and per linear probe protocol (never averaged across); a measure over fewer runs than the "
+                  "row's says n. Sorted by linear top-1, then the rows without a probe by the k-NN monitor.\n")
+    for i, (recipe, runs) in enumerate(shown, 1):
+        rows = family_rows(runs)
+        probes = probe_order({probe for _, _, probe in rows if probe is not None})
+        letters = {probe: chr(ord("A") + j) for j, probe in enumerate(probes)}
+        train = recipe_flags(recipe)
+        report.append(f"### Recipe {i}: {recipe_title(recipe)}\n")
+        report.append(f"Train each row with `python <method>.py {train} <settings> --seed S`, then evaluate with "
+                      f"`python linear_eval.py --checkpoint runs/<run> <probe flags>`. Probes:\n")
+        for probe in probes:
+            differs = probe.differences("Table 5")
+            report.append(f"- {letters[probe]}: {probe.describe(knn=False)}: `{probe_flags(probe)}`; "
+                          + (f"not the paper's ({'; '.join(differs)})" if differs else "the paper's (Appendix D)"))
+        report.append("")
+        lines = []
+        for (method, setting, probe), row_runs in rows.items():
+            stats = {}
+            for measure, _, _ in FAMILY_MEASURES:
+                done = [(r, v) for r in row_runs if (v := family_value(r, probe, measure)) is not None]
+                stats[measure] = (mean_std([v for _, v in done]) if done else None, [r for r, _ in done])
+            lines.append((method, setting, probe, row_runs, stats))
+
+        def order(line):
+            top1, knn = line[4]["top1"][0], line[4]["knn_monitor"][0]
+            return (0, -top1[0]) if top1 else (1, -knn[0]) if knn else (2, 0)
+
+        cells = []
+        for method, setting, probe, row_runs, stats in sorted(lines, key=order):
+            paper = paper_numbers(row_runs)
+            text = flags(method, setting)
+            cell = [NAMES.get(method, method), f"`{text}`" if text else "preset", letters.get(probe, "-")]
+            for measure, _, digits in FAMILY_MEASURES:
+                value, done = stats[measure]
+                cell.append(fmt(value, digits) + (f" (n = {len(done)})" if value and len(done) < len(row_runs)
+                                                  else ""))
+                papers = not probe.differences("Table 5") if probe else ""
+                records.append({**record("family", train, row_label(method, setting), method, text,
+                                         probe.describe(knn=False) if probe else "no linear probe", papers, measure,
+                                         paper if measure == "top1" and paper != "-" else "", value, done),
+                                "commands": f"python {method}.py {train}{' ' + text if text else ''} --seed S"
+                                            + (f"; python linear_eval.py --checkpoint runs/<run> {probe_flags(probe)}"
+                                               if probe else "")})
+            cells.append(cell + [paper, seeds_text(row_runs)])
+        report += md_table(["method", "settings", "probe", *(h for _, h, _ in FAMILY_MEASURES), "paper top-1",
+                            "seeds"], cells) + [""]
+    if alone:
+        report.append("Not a comparison (runs of one method only): "
+                      + "; ".join(f"{recipe_title(recipe)}: {method}, {len(runs)} run(s)"
+                                  for recipe, method, runs in alone) + ".\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Figures (matplotlib, imported here only)
 # ----------------------------------------------------------------------------------------------------------------
 FIGURE_METHODS = ("byol", "byol_uniformity", "byol_mhe")  # the paper's curves (Figs. 4-6, 8)
@@ -839,6 +1046,109 @@ def figure_8(plt, groups, out, written, notes):
         notes.append("Fig. 8: no evaluated run with Table C.8's settings (needs the 1024 row of a method)")
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def family_styles(runs):
+    """{(method, setting): (colour, marker, line style)}: a colour per method (FAMILY_METHODS' order), a marker and
+    a line style per further setting of the same method."""
+    styles, seen = {}, {}
+    for run in sorted(runs, key=lambda r: (r.method, str(row_setting(r)))):
+        key = (run.method, row_setting(run))
+        if key not in styles:
+            i = FAMILY_METHODS.index(run.method) if run.method in FAMILY_METHODS else len(FAMILY_METHODS)
+            k = seen[run.method] = seen.get(run.method, -1) + 1
+            styles[key] = (f"C{i % 10}", MARKERS[k % len(MARKERS)], ("-", "--", ":", "-.")[k % 4])
+    return styles
+
+
+def point_label(run, probes):
+    """The run's linear top-1 under the first of `probes` it was evaluated with, else its k-NN monitor's."""
+    for probe in probes:
+        top1 = (result_of(run, probe, False) or {}).get("top1")
+        if top1 is not None:
+            return f"{top1:.1f}"
+    knn = last_evaluation(run).get("knn_top1")
+    return f"k-NN {knn:.1f}" if knn is not None else ""
+
+
+def plane_figure(plt, title, runs, probes):
+    """Wang & Isola's alignment-uniformity plane (their Fig. 2; lower left is better): one point per finished run
+    at (eval_uniformity, eval_alignment) of its last evaluation, a colour per method, labelled with its top-1.
+    Returns the Figure, or None when no run logged both measures."""
+    styles, points = family_styles(runs), {}
+    for run in runs:
+        row = last_evaluation(run)
+        if row.get("eval_uniformity") is not None and row.get("eval_alignment") is not None:
+            points.setdefault((run.method, row_setting(run)), []).append(
+                (row["eval_uniformity"], row["eval_alignment"], point_label(run, probes)))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key in sorted(points, key=lambda k: (k[0], str(k[1]))):
+        colour, marker, _ = styles[key]
+        xs, ys, labels = zip(*points[key])
+        ax.scatter(xs, ys, color=colour, marker=marker, s=36, label=row_label(*key))
+        for x, y, text in points[key]:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+    ax.set_xlabel("uniformity: eval_uniformity, G2 of the encoder features (Eq. 2, t = 2)")
+    ax.set_ylabel("alignment: eval_alignment (Eq. A.1)")
+    ax.set_title(f"{title}\nlower left is better (Wang & Isola, 2020)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def family_curves_figure(plt, title, runs):
+    """eval_uniformity and the k-NN monitor's top-1 against the epoch, one line per finished run, a colour per
+    method: where the methods part ways. Returns the Figure, or None when no run logged either."""
+    panels = [("eval_uniformity", "uniformity of the encoder features", "G2 (Eq. 2, t = 2)"),
+              ("knn_top1", "k-NN monitor", "k-NN top-1 (%)")]
+    if not any(m in row for run in runs for row in run.metrics for m, _, _ in panels):
+        return None
+    styles, labelled = family_styles(runs), set()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, panel, ylabel) in zip(axes, panels):
+        for run in sorted(runs, key=lambda r: (r.method, str(row_setting(r)))):  # the legend in the plane's order
+            pts = [(row["epoch"], row[metric]) for row in run.metrics if row.get(metric) is not None]
+            if pts:
+                key = (run.method, row_setting(run))
+                colour, marker, ls = styles[key]
+                ax.plot(*zip(*pts), color=colour, ls=ls, marker=marker if len(pts) < 30 else None, ms=3, lw=1.2,
+                        label=row_label(*key) if (ax, key) not in labelled else None)
+                labelled.add((ax, key))
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, frameon=False, fontsize=8)
+    return fig
+
+
+def family_figures(plt, groups, out, written):
+    """Per recipe of the family tables: its alignment-uniformity plane and its curves."""
+    for i, (recipe, runs) in enumerate(family_recipes(groups)[0], 1):
+        rows = family_rows(runs)
+        probes = probe_order({probe for _, _, probe in rows if probe is not None})
+        title = f"Recipe {i}: {recipe_title(recipe)}"
+        title = title if len(title) < 100 else title.replace("; ", ";\n", 1)
+        for fig, name, caption in (
+                (plane_figure(plt, title, runs, probes), "plane",
+                 "alignment-uniformity plane (Wang & Isola, 2020, Fig. 2: lower left is better), one point per "
+                 "finished run, labelled with its linear top-1 (" + (f"probe {', then '.join('ABCDEFGH'[:len(probes)])}"
+                                                                     if probes else "no probe") + ") or k-NN"),
+                (family_curves_figure(plt, title, runs), "curves", "eval_uniformity and k-NN top-1 against epoch")):
+            if fig is not None:
+                path = out / f"family{i}_{name}.png"
+                fig.savefig(path, dpi=110, bbox_inches="tight")
+                plt.close(fig)
+                written.append((path, f"Recipe {i}: {caption}"))
+
+
 def figures(groups, runs, out, notes):
     """Write the figures under `out`; returns [(path, caption)]."""
     try:
@@ -875,6 +1185,7 @@ def figures(groups, runs, out, notes):
         notes.append("Figs. 4-6: no finished run of byol/byol_uniformity/byol_mhe at its preset "
                      "(any --epochs and --eval-split)")
     figure_8(plt, groups, out, written, notes)
+    family_figures(plt, groups, out, written)
 
     curves, names = out / "loss_curves", set()
     for run in runs:  # every logged loss term of every run, finished or not
@@ -941,13 +1252,24 @@ def report_folder(out):
     return free
 
 
+def collect(paths, notes):
+    """(every run found, the number of folders with args.json, the runs counted, the duplicates set apart,
+    {key: the finished runs counted}): what the tables and figures are made of."""
+    found, candidates = find_runs(paths, notes)
+    runs, duplicates = set_apart_duplicates(found, notes)
+    groups = {}
+    for r in runs:
+        if r.finished:
+            groups.setdefault(r.key, []).append(r)
+    return found, candidates, runs, duplicates, groups
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise common.UserError(f"--out {args.out} is a file, not a folder")
     notes = []
-    found, candidates = find_runs(args.paths, notes)
-    runs, duplicates = set_apart_duplicates(found, notes)
+    found, candidates, runs, duplicates, groups = collect(args.paths, notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     if not found:
@@ -955,14 +1277,12 @@ def main(argv=None):
         raise common.UserError(f"no readable run folders under {where} (each is skipped in a note above)" if candidates
                                else f"no run folders (folders with args.json) under {where}")
     done = [r for r in runs if r.finished]
-    groups = {}
-    for r in done:
-        groups.setdefault(r.key, []).append(r)
 
     report = [f"# Results: {len(done)} finished run(s), {len(runs) - len(done)} unfinished"
               + (f"; {len(duplicates)} duplicate(s) set apart" if duplicates else "") + "\n"]
     records = []
     paper_tables(groups, report, records)
+    family_tables(groups, report, records)
     other_runs(groups, report, records)
     unfinished([r for r in runs if not r.finished], report)
     duplicates_section(duplicates, report)

@@ -5,19 +5,23 @@ import json
 import math
 import shutil
 
+import matplotlib
+import matplotlib.figure
 import pytest
 
 import common
 import results
 from conftest import run_script
-from test_cli import TINY, check_ok
+from test_cli import check_ok
 
 BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]  # ResNet-18's eight blocks (Fig. 4)
 
 
-def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_per_epoch=48):
+def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_per_epoch=48, images_per_s=100.0,
+              last=None):
     """A run folder as the scripts write it: args.json (the script's own parse_args), metrics.jsonl (one line per
-    epoch, the analysis every 50 epochs) and linear_eval JSONs (dicts of top1/top5/knn_top1, plus any field)."""
+    epoch, the analysis every 50 epochs; `last` updates the last row) and linear_eval JSONs (dicts of
+    top1/top5/knn_top1, plus any field)."""
     args = vars(importlib.import_module(script).parse_args([*argv, "--seed", str(seed)]))
     folder = root / name
     folder.mkdir(parents=True)
@@ -27,14 +31,17 @@ def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_pe
     lines, shift = [], {"byol": 0.3, "byol_uniformity": 0.15}.get(script, 0.0)  # curves apart in the figures
     for e in range(1, done + 1):
         row = {"epoch": e, "step": e * steps_per_epoch, "loss": 4 / e + seed, "byol": 3 / e, "lr": 0.1, "tau": 0.99,
-               "seconds": 1.0, "images_per_s": 100.0}
+               "seconds": 1.0, "images_per_s": images_per_s}
         if script == "byol_mhe":
             row["mhe"] = 1 / e
         if e % 50 == 0 or e == done:
             row.update(knn_top1=50 + e / 10 - 10 * shift, eval_uniformity=-1 - e / 300 + shift, eval_alignment=0.5,
+                       eval_mmd_legendre=0.1 + shift - e / 3000,
                        **{f"eval_mhe_{p}": 0.5 + 0.1 * i + shift - e / 3000
                           for i, p in enumerate(("encoder", "projector", "predictor"))},
                        **{f"eval_energy_{b}": 1 + k / 10 - e / 1000 + shift for k, b in enumerate(BLOCKS)})
+        if e == done and last:
+            row.update(last)
         lines.append(json.dumps(row))
     (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     if done == args["epochs"]:
@@ -190,23 +197,50 @@ def test_empty_folder_and_bad_paths(tmp_path, monkeypatch, capsys, argv, text):
     assert exit.value.code == 2 and err.count("\n") == 1 and text in err, err
 
 
-def test_real_tiny_run(cifar_dir, tmp_path):
-    """A real BYOL-MHE run and its linear evaluation, as the scripts write them, read back."""
-    run = tmp_path / "runs" / "tiny"
-    check_ok(run_script("byol_mhe.py", "--data-dir", cifar_dir, "--batch-size", "16", "--out-dir", run, *TINY))
-    check_ok(run_script("linear_eval.py", "--checkpoint", run, "--epochs", "1", "--workers", "0", "--precompute"))
-    result = json.loads((run / "linear_eval_test.json").read_text())
-    proc = check_ok(run_script("results.py", tmp_path / "runs", "--out", tmp_path / "out"))
-    other = section(proc.stdout, "## Other runs")
-    assert "--epochs 1 --batch-size 16 --hidden-dim 64 --proj-dim 32" in other
+def test_real_tiny_runs(cifar_dir, tmp_path, capsys, monkeypatch):
+    """Real BYOL-MHE and SimCLR runs of one tiny recipe (16 px, batch 16, 1 epoch), BYOL-MHE linearly evaluated, as
+    the scripts write them, read back: into "Other runs" and into the family table and its figures."""
+    runs = tmp_path / "runs"
+    mhe, simclr = runs / "tiny", runs / "tiny-simclr"
+    small = ["--batch-size", "16", "--image-size", "16", "--epochs", "1", "--workers", "0", "--proj-dim", "32"]
+    check_ok(run_script("byol_mhe.py", "--data-dir", cifar_dir, "--out-dir", mhe, *small, "--hidden-dim", "64"))
+    check_ok(run_script("simclr.py", "--data-dir", cifar_dir, "--out-dir", simclr, *small))
+    check_ok(run_script("linear_eval.py", "--checkpoint", mhe, "--epochs", "1", "--workers", "0", "--precompute"))
+    result = json.loads((mhe / "linear_eval_test.json").read_text())
+    saved, savefig = {}, matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: (saved.__setitem__(path.name, fig), savefig(fig, path, **kw))[1])
+    assert results.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    other = section(out, "## Other runs")
+    assert "--epochs 1 --batch-size 16 --hidden-dim 64 --image-size 16 --proj-dim 32" in other
     assert f"| {result['top1']:.2f} | {result['top5']:.2f} | {result['knn_top1']:.2f} |" in other
     assert "linear probe 1 epoch on precomputed features" in other
     assert (tmp_path / "out" / "loss_curves" / "tiny.png").stat().st_size > 5000
-    # the columns Figs. 4-6 draw are the ones a run writes
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("knn_top1", "eval_uniformity", "eval_mhe_encoder", "eval_mhe_projector", "eval_mhe_predictor",
-                *[f"eval_energy_{b}" for b in BLOCKS]):
-        assert isinstance(row[key], float), key
+    # the columns Figs. 4-6 and the family table read are the ones a run writes
+    rows = {run: json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (mhe, simclr)}
+    for key in ("knn_top1", "eval_uniformity", "eval_mmd_legendre", "eval_alignment", "eval_mhe_encoder",
+                "eval_mhe_projector", "eval_mhe_predictor", *[f"eval_energy_{b}" for b in BLOCKS]):
+        assert isinstance(rows[mhe][key], float), key
+    family = section(out, "### Recipe 1")
+    assert family.startswith("### Recipe 1: cifar10, resnet18 (cifar stem), BatchNorm, 16 px, 1 epoch, batch 16; "
+                             "monitor on the test split (k-NN k = 200, T = 0.1; analysis of 1024 images)")
+    assert "- A: test split; linear probe 1 epoch on precomputed features, batch 100, base LR 0.2: " \
+           "`--eval-split test --epochs 1 --batch-size 100 --lr 0.2 --precompute`; not the paper's" in family
+
+    def measures(row):
+        return (f"{row['knn_top1']:.2f} | {row['eval_uniformity']:.3f} | {row['eval_mmd_legendre']:.3f} | "
+                f"{row['eval_alignment']:.3f} | {row['eval_mhe_projector']:.3f} | {row['images_per_s']:.0f} | - | "
+                f"1 (0) |")
+    assert table_line(family, "BYOL-MHE") == (f"| BYOL-MHE | `--hidden-dim 64 --proj-dim 32` | A | "
+                                              f"{result['top1']:.2f} | {result['top5']:.2f} | {measures(rows[mhe])}")
+    assert table_line(family, "SimCLR*") == f"| SimCLR* | `--proj-dim 32` | - | - | - | {measures(rows[simclr])}"
+    (plane,) = saved["family1_plane.png"].axes
+    assert sorted(tuple(xy) for c in plane.collections for xy in c.get_offsets()) == sorted(
+        (row["eval_uniformity"], row["eval_alignment"]) for row in rows.values())
+    assert [len(ax.lines) for ax in saved["family1_curves.png"].axes] == [2, 2]
+    for name in ("family1_plane.png", "family1_curves.png"):
+        assert f"`{name}`: Recipe 1: " in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_table_1_keeps_the_knn_protocol_and_the_latest_evaluation(tmp_path, capsys):
@@ -301,26 +335,25 @@ def test_a_folder_given_twice_is_read_once(tmp_path, monkeypatch, capsys, given,
 
 def test_a_copy_of_a_run_is_counted_once_and_reported_with_both_paths(tmp_path, capsys):
     """cp -r run run.bak made n = 2. A copy has the same args.json (out_dir apart) and the same metrics rows; the
-    copy with the most evaluations is counted (here the backup, evaluated after the copy was made)."""
-    run = write_run(tmp_path / "runs", "byol-0", "byol", [], 0)
-    backup = tmp_path / "runs" / "byol-0.bak"
+    copy with the most evaluations is counted (here the backup, evaluated after the copy was made). A setting of
+    no paper row (--hidden-dim 8): no paper figure to draw, only the two loss curves."""
+    runs = tmp_path / "runs"
+    run = write_run(runs, "byol-0", "byol", ["--hidden-dim", "8"], 0)
+    backup = runs / "byol-0.bak"
     shutil.copytree(run, backup)
-    args = json.loads((backup / "args.json").read_text())
-    (backup / "args.json").write_text(json.dumps({**args, "out_dir": str(backup)}))  # as if resumed from there
-    write_run(tmp_path / "runs", "byol-1", "byol", [], 1, evals=[{"top1": 92.0}])
-    (backup / "linear_eval_test.json").write_text((tmp_path / "runs" / "byol-1" / "linear_eval_test.json")
-                                                  .read_text().replace("92.0", "90.0"))
-    out_dir = tmp_path / "out"
-    assert results.main([str(tmp_path / "runs"), "--out", str(out_dir)]) == 0
+    edit_json(backup / "args.json", out_dir=str(backup))  # as if resumed from there
+    other = write_run(runs, "byol-1", "byol", ["--hidden-dim", "8"], 1, evals=[{"top1": 92.0}])
+    (backup / "linear_eval_test.json").write_text((other / "linear_eval_test.json").read_text().replace("92.0", "90.0"))
+    assert results.main([str(runs), "--out", str(tmp_path / "out")]) == 0
     out, err = capsys.readouterr()
-    assert byol_row(out).endswith(TWO_SEEDS)
+    assert f"| 91.00 ± {math.sqrt(2):.2f} | 99.00 ± 0.00 | 80.00 ± 0.00 | 77.00 ± 0.00 (test, k = 200, T = 0.1) " \
+           f"| 2 (0, 1) |" in section(out, "## Other runs")
     assert "# Results: 2 finished run(s), 0 unfinished; 1 duplicate(s) set apart" in out
-    dup = section(out, "## Duplicates")
-    assert f"| {backup} | {run} |" in dup  # counted, copy
-    assert f"note: {run}: a copy of {backup} (the same args.json and metrics.jsonl), counted once" in err
-    rows = {r["run"]: r["counted"] for r in csv.DictReader(open(out_dir / "runs.csv"))}
-    assert rows == {str(run): f"no: a copy of {backup}", str(backup): "yes", str(tmp_path / "runs" / "byol-1"): "yes"}
-    assert sorted(p.name for p in (out_dir / "loss_curves").iterdir()) == ["byol-0.bak.png", "byol-1.png"]
+    assert f"| {backup} | {run} |" in section(out, "## Duplicates")  # counted, copy
+    assert err == f"note: {run}: a copy of {backup} (the same args.json and metrics.jsonl), counted once\n"
+    rows = {r["run"]: r["counted"] for r in csv.DictReader(open(tmp_path / "out" / "runs.csv"))}
+    assert rows == {str(run): f"no: a copy of {backup}", str(backup): "yes", str(other): "yes"}
+    assert sorted(p.name for p in (tmp_path / "out" / "loss_curves").iterdir()) == ["byol-0.bak.png", "byol-1.png"]
 
 
 def test_two_runs_with_the_same_seed_and_settings_are_never_averaged(tmp_path, capsys):
@@ -335,6 +368,19 @@ def test_two_runs_with_the_same_seed_and_settings_are_never_averaged(tmp_path, c
     first = tmp_path / "runs" / "byol-0"
     assert f"| 0 | {first} | {again} |" in dup and f"| 0 | {again} | {first} |" in dup
     assert f"note: {first}, {again}: different runs with the same settings and seed 0" in err
+
+
+def test_the_stem_auto_gives_is_the_same_setting_and_its_seeds_are_not_counted_twice(tmp_path, capsys):
+    """--stem cifar on CIFAR-10 trains the preset's encoder (--stem auto): its seed 1 is Table 5's, and its seed 0
+    is a second run of the preset's seed 0, not another seed."""
+    runs = tmp_path / "runs"
+    first = write_run(runs, "byol-0", "byol", [], 0, evals=[{"top1": 90.0}])
+    write_run(runs, "byol-1-cifar-stem", "byol", ["--stem", "cifar"], 1, evals=[{"top1": 92.0}])
+    again = write_run(runs, "byol-0-cifar-stem", "byol", ["--stem", "cifar"], 0, evals=[{"top1": 80.0}])
+    assert results.main([str(runs)]) == 0
+    out, _ = capsys.readouterr()
+    assert byol_row(out).endswith("| 90.74 | 92.00 | 1 (1) |")
+    assert f"| 0 | {again} | {first} |" in section(out, "## Duplicates")
 
 
 def edit_metrics_row(run, index, **fields):

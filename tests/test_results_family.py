@@ -1,5 +1,6 @@
 """results.py's family table (issue 20): every method of one recipe side by side, and its figures."""
 import csv
+import importlib
 import io
 import math
 
@@ -162,3 +163,29 @@ def test_plane_and_curves_hold_one_point_per_finished_run(family, tmp_path, monk
     for panel in (uniformity, knn):
         assert len(panel.lines) == 8 and all(len(line.get_xdata()) == 6 for line in panel.lines)  # epochs 50 .. 300
     assert sorted(line.get_ydata()[-1] for line in knn.lines) == [70.0, 80.0, 80.0, 80.0, 80.0, 80.0, 84.0, 85.0]
+
+
+def test_the_commands_of_docs_family_md_make_one_recipe_of_every_method_at_its_preset():
+    """docs/family.md's training commands, read by each script's own parse_args: one recipe (CIFAR-10, ResNet-18,
+    300 epochs, batch 1024), every method of the family, each at its preset but for the Legendre kernel."""
+    text = (results.ROOT / "docs" / "family.md").read_text()
+    block = text.split("```\n")[1]
+    recipe_flags = block.splitlines()[0].split('"')[1].split()
+    commands = [line.split() for line in block.splitlines() if line.strip().startswith("python ")]
+    train = [c for c in commands if c[1] not in ("linear_eval.py", "results.py")]
+    recipes, rows = set(), set()
+    for _, script, *argv in train:
+        assert argv[0] == "$R" and argv[-4:-2] == ["--seed", "$S"] and argv[-2] == "--out-dir", argv
+        args = results.parsed_args(script.removesuffix(".py"), tuple(recipe_flags + argv[1:-4] + ["--seed", "0"]))
+        recipes.add(results.recipe_of(args))
+        rows.add((args["method"], results.settings(args)))
+    assert recipes == {results.recipe_of(results.parsed_args("byol", ("--dataset", "cifar10")))}
+    assert dict(next(iter(recipes)))["batch_size"] == 1024 and dict(next(iter(recipes)))["epochs"] == 300
+    assert rows == {(m, ()) for m in results.FAMILY_METHODS} | {
+        ("byol_uniformity", (("legendre_weights", (1.0, 40.0, 40.0)), ("uniformity", "legendre")))}
+    # the probe is linear_eval.py's defaults: Appendix D's (probe A of the family table)
+    probe = block.split("python linear_eval.py ")[1].split(";")[0].split()
+    assert probe == ["--checkpoint", '"$run"']
+    defaults = vars(importlib.import_module("linear_eval").build_parser().parse_args(["--checkpoint", "run"]))
+    assert {k: defaults[k] for k in ("eval_split", "epochs", "batch_size", "lr", "precompute")} == \
+        {k: v for k, v in results.PAPER_PROBE.items() if k != "lr_scaled"}

@@ -873,6 +873,56 @@ def paper_numbers(runs):
                      f"{', '.join(x.removeprefix('Table ') for x in t)})" for n, t in numbers.items()) or "-"
 
 
+def family_stats(rows):
+    """[(method, setting, probe, runs, {measure: (mean ± std or None, the runs that have it)})], sorted by linear
+    top-1, then (no probe) by the k-NN monitor."""
+    lines = []
+    for (method, setting, probe), runs in rows.items():
+        stats = {}
+        for measure, _, _ in FAMILY_MEASURES:
+            done = [(r, v) for r in runs if (v := family_value(r, probe, measure)) is not None]
+            stats[measure] = (mean_std([v for _, v in done]) if done else None, [r for r, _ in done])
+        lines.append((method, setting, probe, runs, stats))
+
+    def order(line):
+        top1, knn = line[4]["top1"][0], line[4]["knn_monitor"][0]
+        return (0, -top1[0]) if top1 else (1, -knn[0]) if knn else (2, 0)
+    return sorted(lines, key=order)
+
+
+def family_table(i, recipe, runs, report, records):
+    """Recipe i: its flags, its probes (lettered, the paper's first) and one row per method, setting and probe."""
+    rows = family_rows(runs)
+    probes = probe_order({probe for _, _, probe in rows if probe is not None})
+    letters = {probe: chr(ord("A") + j) for j, probe in enumerate(probes)}
+    train = recipe_flags(recipe)
+    report.append(f"### Recipe {i}: {recipe_title(recipe)}\n")
+    report.append(f"Train each row with `python <method>.py {train} <settings> --seed S`, then evaluate with "
+                  f"`python linear_eval.py --checkpoint runs/<run> <probe flags>`. Probes:\n")
+    for probe in probes:
+        differs = probe.differences("Table 5")
+        report.append(f"- {letters[probe]}: {probe.describe(knn=False)}: `{probe_flags(probe)}`; "
+                      + (f"not the paper's ({'; '.join(differs)})" if differs else "the paper's (Appendix D)"))
+    report.append("")
+    cells = []
+    for method, setting, probe, row_runs, stats in family_stats(rows):
+        paper, text = paper_numbers(row_runs), flags(method, setting)
+        commands = (f"python {method}.py {train}{' ' + text if text else ''} --seed S"
+                    + (f"; python linear_eval.py --checkpoint runs/<run> {probe_flags(probe)}" if probe else ""))
+        cell = [NAMES.get(method, method), f"`{text}`" if text else "preset", letters.get(probe, "-")]
+        for measure, _, digits in FAMILY_MEASURES:
+            value, done = stats[measure]
+            cell.append(fmt(value, digits) + (f" (n = {len(done)})" if value and len(done) < len(row_runs) else ""))
+            records.append({**record("family", train, row_label(method, setting), method, text,
+                                     probe.describe(knn=False) if probe else "no linear probe",
+                                     not probe.differences("Table 5") if probe else "", measure,
+                                     paper if measure == "top1" and paper != "-" else "", value, done),
+                            "commands": commands})
+        cells.append(cell + [paper, seeds_text(row_runs)])
+    report += md_table(["method", "settings", "probe", *(h for _, h, _ in FAMILY_MEASURES), "paper top-1", "seeds"],
+                       cells) + [""]
+
+
 def family_tables(groups, report, records):
     """Per recipe with two methods or more: one row per method, setting and probe protocol, seeds averaged."""
     shown, alone = family_recipes(groups)
@@ -887,49 +937,7 @@ def family_tables(groups, report, records):
                   "std) and per linear probe protocol (never averaged across); a measure over fewer runs than the "
                   "row's says n. Sorted by linear top-1, then the rows without a probe by the k-NN monitor.\n")
     for i, (recipe, runs) in enumerate(shown, 1):
-        rows = family_rows(runs)
-        probes = probe_order({probe for _, _, probe in rows if probe is not None})
-        letters = {probe: chr(ord("A") + j) for j, probe in enumerate(probes)}
-        train = recipe_flags(recipe)
-        report.append(f"### Recipe {i}: {recipe_title(recipe)}\n")
-        report.append(f"Train each row with `python <method>.py {train} <settings> --seed S`, then evaluate with "
-                      f"`python linear_eval.py --checkpoint runs/<run> <probe flags>`. Probes:\n")
-        for probe in probes:
-            differs = probe.differences("Table 5")
-            report.append(f"- {letters[probe]}: {probe.describe(knn=False)}: `{probe_flags(probe)}`; "
-                          + (f"not the paper's ({'; '.join(differs)})" if differs else "the paper's (Appendix D)"))
-        report.append("")
-        lines = []
-        for (method, setting, probe), row_runs in rows.items():
-            stats = {}
-            for measure, _, _ in FAMILY_MEASURES:
-                done = [(r, v) for r in row_runs if (v := family_value(r, probe, measure)) is not None]
-                stats[measure] = (mean_std([v for _, v in done]) if done else None, [r for r, _ in done])
-            lines.append((method, setting, probe, row_runs, stats))
-
-        def order(line):
-            top1, knn = line[4]["top1"][0], line[4]["knn_monitor"][0]
-            return (0, -top1[0]) if top1 else (1, -knn[0]) if knn else (2, 0)
-
-        cells = []
-        for method, setting, probe, row_runs, stats in sorted(lines, key=order):
-            paper = paper_numbers(row_runs)
-            text = flags(method, setting)
-            cell = [NAMES.get(method, method), f"`{text}`" if text else "preset", letters.get(probe, "-")]
-            for measure, _, digits in FAMILY_MEASURES:
-                value, done = stats[measure]
-                cell.append(fmt(value, digits) + (f" (n = {len(done)})" if value and len(done) < len(row_runs)
-                                                  else ""))
-                papers = not probe.differences("Table 5") if probe else ""
-                records.append({**record("family", train, row_label(method, setting), method, text,
-                                         probe.describe(knn=False) if probe else "no linear probe", papers, measure,
-                                         paper if measure == "top1" and paper != "-" else "", value, done),
-                                "commands": f"python {method}.py {train}{' ' + text if text else ''} --seed S"
-                                            + (f"; python linear_eval.py --checkpoint runs/<run> {probe_flags(probe)}"
-                                               if probe else "")})
-            cells.append(cell + [paper, seeds_text(row_runs)])
-        report += md_table(["method", "settings", "probe", *(h for _, h, _ in FAMILY_MEASURES), "paper top-1",
-                            "seeds"], cells) + [""]
+        family_table(i, recipe, runs, report, records)
     if alone:
         report.append("Not a comparison (runs of one method only): "
                       + "; ".join(f"{recipe_title(recipe)}: {method}, {len(runs)} run(s)"

@@ -9,8 +9,21 @@ apart from --seed and the flags that do not change what is trained (--device, --
 row's: the settings that differ from the method's preset for the run's --dataset and --epochs, read with the
 method's own parse_args. Runs of one row are averaged over seeds (mean, sample standard deviation). Runs that are
 not finished are listed apart and never averaged in; runs that match no row of the paper go to "Other runs".
+
+The uniformity family side by side: runs that share a recipe (dataset, encoder, image size, epochs, batch and the
+k-NN/analysis monitor) and are of two methods or more form a table, one row per method, setting and linear probe
+protocol (seeds averaged), with the paper's measures (linear top-1/top-5, k-NN, eval_uniformity, eval_mmd_legendre,
+eval_alignment, the projector's MHE, images/s); with --out also its alignment-uniformity plane and its curves
+(family<N>_plane.png, family<N>_curves.png). docs/family.md gives the commands of one shared recipe.
+
+No run is counted twice: each real folder is read once (a link, a loop or a path given twice is noted), a copy of a
+run folder (the same args.json and metrics rows, e.g. cp -r run run.bak) is counted once, and different runs with
+the same settings and seed are averaged in neither; all are listed under "Duplicates" with their paths. A file with
+a field of the wrong type is skipped with a note (a metrics row as an unreadable line is). --out never replaces an
+earlier report: when the folder holds one, the report goes to <out>-2, -3, ...
 matplotlib is needed for --out only (the training scripts never import it).
 """
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -58,7 +71,8 @@ TABLES = {
                       measures=("top1",), seeds=3, note="Fig. 8 plots each method's drop from its 1024 row"),
 }
 
-NAMES = {"simclr": "SimCLR*", "byol": "BYOL*", "byol_uniformity": "BYOL + L_uni", "byol_mhe": "BYOL-MHE"}
+NAMES = {"simclr": "SimCLR*", "byol": "BYOL*", "byol_uniformity": "BYOL + L_uni", "byol_mhe": "BYOL-MHE",
+         "sfrik": "SFRIK", "msbreg": "MSBReg"}
 ALL = "--mhe-on encoder,projector,predictor"
 IN1K, C10, C100, STL = "--dataset imagenet", "--dataset cifar10", "--dataset cifar100", "--dataset stl10"
 
@@ -161,7 +175,10 @@ MEASURE_NAMES = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN"}
 # Settings: what distinguishes a run from its method's preset
 # ----------------------------------------------------------------------------------------------------------------
 def norm(value):
-    """A JSON value in comparable form: lists become tuples; a list of names (--mhe-on) is an unordered set."""
+    """A JSON value in comparable (hashable) form: lists become tuples; a list of names (--mhe-on) is an unordered
+    set; an object (no flag writes one) becomes its sorted (key, value) pairs."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), norm(v)) for k, v in value.items()))
     if isinstance(value, (list, tuple)):
         items = tuple(norm(v) for v in value)
         return tuple(sorted(items)) if all(isinstance(v, str) for v in items) else items
@@ -182,15 +199,27 @@ def preset_args(method, dataset, epochs):
     return parsed_args(method, ("--dataset", str(dataset), "--epochs", str(epochs)))
 
 
-@functools.lru_cache(maxsize=None)
 def parsed_args(method, argv):
+    return parse_outcome(method, argv)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def parse_outcome(method, argv):
+    """(vars(args), None) of `python METHOD.py ARGV`; (None, None) when the method's script is not in this checkout;
+    (None, why) when the script refuses the arguments (a flag or value it does not know). argparse's own 'error:'
+    line is caught, not printed: it would read as results.py's error."""
     module = method_module(method)
     if module is None:
-        return None
+        return None, None
+    err = io.StringIO()
     try:
-        return vars(module.parse_args(list(argv)))
-    except (SystemExit, common.UserError):  # a flag or value this checkout does not know
-        return None
+        with contextlib.redirect_stderr(err):
+            return vars(module.parse_args(list(argv))), None
+    except SystemExit:
+        why = err.getvalue().strip().splitlines()
+        return None, (why[-1].removeprefix("error: ").removesuffix(" (see --help)") if why else "refused")
+    except common.UserError as e:
+        return None, str(e)
 
 
 def settings(args):
@@ -199,9 +228,18 @@ def settings(args):
     preset = preset_args(args.get("method"), args.get("dataset"), args.get("epochs"))
     if preset is None:
         return None
+    # --stem cifar on CIFAR is the preset's encoder (--stem auto): the same setting, so that neither its rows nor
+    # its seeds are told apart from the preset's.
+    args, preset = {**args, "stem": stem_of(args)}, {**preset, "stem": stem_of(preset)}
     # A key this version's parser does not know is shown (it may matter); one the run lacks predates its flag.
     return tuple(sorted((k, norm(v)) for k, v in args.items()
                         if k not in NOT_SETTINGS and (k not in preset or norm(v) != norm(preset[k]))))
+
+
+def stem_of(args):
+    """The stem --stem gives: auto is the CIFAR stem for CIFAR-10/100 only (Appendix B.1), as common.resolve_stem."""
+    stem = args.get("stem", "auto")
+    return stem if stem != "auto" else "cifar" if args.get("dataset") in ("cifar10", "cifar100") else "imagenet"
 
 
 def flags(method, setting):
@@ -310,26 +348,87 @@ class Run:
         return self.args.get("seed")
 
 
+NUMBER = (int, float)
+# The fields of a linear_eval JSON that results.py reads, and their types (None, or absent: not recorded).
+EVAL_TYPES = dict(top1=NUMBER, top5=NUMBER, knn_top1=NUMBER, eval_split=str, dataset=str, epochs=int, precompute=bool,
+                  batch_size=int, lr=NUMBER, effective_lr=NUMBER, knn_k=int, knn_t=NUMBER, checkpoint_epoch=int)
+# The columns of a metrics row that results.py reads (and every eval_* one): numbers. The loss terms are drawn only
+# where every row holds a number (figures()).
+METRIC_TYPES = dict(epoch=int, step=NUMBER, knn_top1=NUMBER, images_per_s=NUMBER)
+
+
+def wrong_type(row, types):
+    """'name is value, not a ...' for the first field of `row` whose value is not of its type (a bool is neither a
+    number nor an int), or None; a field that is absent or null is not recorded, not wrong."""
+    for name, kind in types.items():
+        value = row.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)):
+            what = {bool: "true or false", int: "an integer", str: "a string"}.get(kind, "a number")
+            return f"{name} is {json.dumps(value)}, not {what}"
+    return None
+
+
+def args_problem(args):
+    """Why an args.json cannot be a run's (None when it can)."""
+    if not isinstance(args, dict):
+        return "not a JSON object"
+    if not all(isinstance(args.get(k), str) for k in ("method", "dataset")):
+        return "no method or dataset"
+    epochs = args.get("epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        return f"epochs is {json.dumps(epochs)}, not a positive integer"
+    return wrong_type(args, {"seed": int})
+
+
+def read_metrics(path, notes):
+    """{epoch: row} of metrics.jsonl; lines that are not JSON (a crash cut them short) or that hold a field of the
+    wrong type are ignored, with a note."""
+    rows, bad, typed = {}, 0, []
+    try:
+        lines = (path / "metrics.jsonl").read_bytes().splitlines()
+    except OSError as e:
+        notes.append(f"{path}: cannot read metrics.jsonl ({e.strerror or e}); read as no epochs")
+        return rows
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            epoch = row["epoch"]  # a row without its epoch is unreadable
+        except (ValueError, KeyError, TypeError, IndexError):
+            bad += int(bool(line.strip()))
+            continue
+        problem = wrong_type(row, {**METRIC_TYPES, **{k: NUMBER for k in row if k.startswith("eval_")}})
+        if problem is None and (epoch is None or epoch < 1):
+            problem = f"epoch is {json.dumps(epoch)}, not a positive integer"
+        if problem:
+            typed.append(f"line {n}: {problem}")
+            continue
+        rows[row["epoch"]] = row  # an epoch logged again after a resume: the later line wins
+    if bad:
+        notes.append(f"{path}: ignored {bad} unreadable line(s) of metrics.jsonl")
+    if typed:
+        notes.append(f"{path}: ignored {len(typed)} line(s) of metrics.jsonl with a field of the wrong type "
+                     f"({'; '.join(typed[:3])}{'; ...' if len(typed) > 3 else ''})")
+    return rows
+
+
 def read_run(path, notes):
     """A Run from a folder holding args.json, or None (with a note) when the folder cannot be read as one."""
     try:
-        args = json.loads((path / "args.json").read_text())
-        if not isinstance(args, dict) or not isinstance(args.get("epochs"), int) or \
-                not all(isinstance(args.get(k), str) for k in ("method", "dataset")):
-            raise ValueError("no method, dataset or epochs")
+        args = json.loads((path / "args.json").read_bytes())
+        problem = args_problem(args)
+        if problem:
+            raise ValueError(problem)
     except (OSError, ValueError) as e:
-        notes.append(f"skipped {path}: unreadable args.json ({e})")
+        notes.append(f"skipped {path}: unreadable args.json ({getattr(e, 'strerror', None) or e})")
         return None
-    rows, bad = {}, 0
-    if (path / "metrics.jsonl").exists():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                row = json.loads(line)
-                rows[row["epoch"]] = row  # an epoch logged again after a resume: the later line wins
-            except (ValueError, KeyError, TypeError):
-                bad += int(bool(line.strip()))
-    if bad:
-        notes.append(f"{path}: ignored {bad} unreadable line(s) of metrics.jsonl")
+    _, refused = parse_outcome(args["method"], ("--dataset", args["dataset"], "--epochs", str(args["epochs"])))
+    if refused:  # the script is here, and its parser refuses the run's own dataset or epochs
+        notes.append(f"skipped {path}: {args['method']}.py of this checkout refuses args.json's --dataset "
+                     f"{args['dataset']} --epochs {args['epochs']} ({refused})")
+        return None
+    rows = read_metrics(path, notes) if (path / "metrics.jsonl").exists() else {}
     run = Run(path, args, [rows[e] for e in sorted(rows)])
     run.last_epoch = max(rows, default=0)
     # encoder.pt is written after the last epoch's checkpoint, so a run killed between its last metrics row and
@@ -341,10 +440,16 @@ def read_run(path, notes):
                    if (m := EVAL_FILE.match(p.name)))
     for split, _, p in files:  # in order of evaluation: a later one with the same protocol replaces an earlier one
         try:
-            result = json.loads(p.read_text())
-            protocol = protocol_of({"eval_split": split, **result}, args["dataset"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            notes.append(f"{p}: not a linear_eval result ({e}), ignored")
+            result = json.loads(p.read_bytes())
+            if not isinstance(result, dict):
+                raise ValueError("not a JSON object")
+            problem = wrong_type(result, EVAL_TYPES)
+            if problem:
+                raise ValueError(problem)
+            protocol = protocol_of({"eval_split": split, **{k: v for k, v in result.items() if v is not None}},
+                                   args["dataset"])
+        except (OSError, ValueError) as e:
+            notes.append(f"{p}: not a linear_eval result ({getattr(e, 'strerror', None) or e}), ignored")
             continue
         epoch = result.get("checkpoint_epoch")  # older results do not record it
         if epoch is not None and epoch < args["epochs"]:
@@ -375,17 +480,29 @@ def protocol_of(result, train_dataset):
 
 
 def find_runs(paths, notes):
-    """Every run folder (a folder with args.json) under `paths`; leaf folders that are not runs get a note."""
-    runs = []
+    """Every run folder (a folder with args.json) under `paths`, each real folder once: a link to a folder already
+    seen (a loop such as loop/self -> .), or a path given twice, is read once, with a note. Leaf folders that are
+    not runs get a note. Returns the runs and the number of folders with args.json (read or skipped)."""
+    runs, seen, candidates = [], {}, []  # seen: real path -> the path it was first reached by
 
     def visit(folder, root):
+        real = folder.resolve()
+        if real in seen:
+            notes.append(f"{folder}: the same folder as {seen[real]} (a link, or a path given twice), read once")
+            return
+        seen[real] = folder
         if (folder / "args.json").is_file():
+            candidates.append(folder)
             run = read_run(folder, notes)
             if run is not None:
                 run.name = str(folder.relative_to(root)) if folder != root else folder.resolve().name
                 runs.append(run)
             return
-        children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError as e:
+            notes.append(f"skipped {folder}: cannot list it ({e.strerror or e})")
+            return
         if not children and folder != root:  # an empty root: the error below says it
             notes.append(f"skipped {folder}: not a run folder (no args.json)")
         for child in children:
@@ -395,7 +512,60 @@ def find_runs(paths, notes):
         if not path.is_dir():
             raise common.UserError(f"{path} is not a folder (give run folders or folders that hold them)")
         visit(path, path)
-    return runs
+    return runs, len(candidates)
+
+
+def content(run):
+    """What a copy of a run folder (cp -r run run.bak) shares with it: args.json but for out_dir, and every metrics
+    row (their seconds alone tell two trainings apart)."""
+    return json.dumps([{k: v for k, v in run.args.items() if k != "out_dir"}, run.metrics], sort_keys=True)
+
+
+def set_apart_duplicates(runs, notes):
+    """(the runs to count, [(run set apart, [the runs it duplicates], is_copy)]). Copies of one run (the same
+    content()) are counted once: the copy with the most evaluations, then the first found. Different finished runs
+    with the same settings and seed are not several seeds: none of them is averaged in."""
+    by_content = {}
+    for run in runs:
+        by_content.setdefault(content(run), []).append(run)
+    kept, duplicates = [], []
+    for run in runs:
+        copies = by_content[content(run)]
+        counted = max(copies, key=lambda r: (r.finished, len(r.eval_files)))  # the first of the best
+        if run is counted:
+            kept.append(run)
+        else:
+            duplicates.append((run, [counted], True))
+            notes.append(f"{run.path}: a copy of {counted.path} (the same args.json and metrics.jsonl), counted once")
+    by_seed = {}
+    for run in kept:
+        if run.finished:
+            by_seed.setdefault((run.key, run.seed), []).append(run)
+    clashes = [same for same in by_seed.values() if len(same) > 1]
+    for same in clashes:
+        duplicates += [(run, [r for r in same if r is not run], False) for run in same]
+        notes.append(f"{', '.join(str(r.path) for r in same)}: different runs with the same settings and seed "
+                     f"{same[0].seed}: none of them is averaged in (see Duplicates)")
+    apart = {id(run) for same in clashes for run in same}
+    return [run for run in kept if id(run) not in apart], duplicates
+
+
+def duplicates_section(duplicates, report):
+    if not duplicates:
+        return
+    report.append("## Duplicates (never counted twice)\n")
+    copies = [(run, of[0]) for run, of, copy in duplicates if copy]
+    if copies:
+        report.append("Copies of one run (the same args.json but for out_dir, the same metrics.jsonl), counted once "
+                      "as the first path:\n")
+        report += md_table(["counted", "copy"], [[str(of.path), str(run.path)] for run, of in copies]) + [""]
+    clashes = [(run, of) for run, of, copy in duplicates if not copy]
+    if clashes:
+        report.append("Different runs with the same settings and seed: not several seeds, so none of them is "
+                      "averaged in (remove one, or give it another `--seed`):\n")
+        report += md_table(["settings", "seed", "run", "same settings and seed as"],
+                           [[f"`{group_label(run.key)}`", run.seed, str(run.path), ", ".join(str(r.path) for r in of)]
+                            for run, of in clashes]) + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,11 +579,11 @@ def mean_std(values):
     return mean, std
 
 
-def fmt(stats):
+def fmt(stats, digits=2):
     if stats is None:
         return "-"
     mean, std = stats
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def md_table(header, lines):
@@ -451,8 +621,9 @@ def evaluated(runs, protocol, measure, knn=True):
     return (mean_std([v for _, v in done]) if done else None), [r for r, _ in done]
 
 
+# section "family": table is the recipe's flags, commands the training and evaluation commands of the row
 CSV_FIELDS = ("section", "table", "row", "method", "settings", "protocol", "papers_protocol", "measure", "paper",
-              "mean", "std", "n", "seeds")
+              "mean", "std", "n", "seeds", "commands")
 
 
 def record(*values):
@@ -577,6 +748,204 @@ def unfinished(runs, report):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The uniformity family side by side, one recipe at a time
+# ----------------------------------------------------------------------------------------------------------------
+# A recipe is what every method of a comparison shares: the data, the encoder, the schedule's length and batch, and
+# the monitor that measures the runs during training (the k-NN and the analysis behind eval_uniformity,
+# eval_alignment, ...). All are flags of every training script (common.py's shared parser). Anything else is a
+# method's own setting: a row. A linear probe's protocol is a row's too, so that two protocols are never averaged.
+RECIPE = ("dataset", "subset", "arch", "stem", "batchnorm", "image_size", "epochs", "batch_size", "eval_split",
+          "knn_k", "knn_t", "analysis_samples")
+FAMILY_METHODS = ("byol", "byol_uniformity", "byol_mhe", "simclr", "sfrik", "msbreg")  # a colour each, in this order
+# (name, column header, decimals): the family table's measures. knn_monitor: the k-NN monitor's last top-1 (metrics
+# .jsonl); eval_*: the analysis of the run's last evaluation; images_per_s: the mean over the run's epochs.
+FAMILY_MEASURES = (("top1", "top-1", 2), ("top5", "top-5", 2), ("knn_monitor", "k-NN monitor", 2),
+                   ("eval_uniformity", "G2 (Eq. 2)", 3), ("eval_mmd_legendre", "MMD Legendre", 3),
+                   ("eval_alignment", "alignment (Eq. A.1)", 3), ("eval_mhe_projector", "MHE projector", 3),
+                   ("images_per_s", "images/s", 0))
+
+
+def recipe_of(args):
+    """((name, value), ...) of RECIPE, --stem auto read as the stem it gives."""
+    values = {**args, "batchnorm": args.get("batchnorm", True), "stem": stem_of(args)}
+    return tuple((name, norm(values.get(name))) for name in RECIPE)
+
+
+def recipe_flags(recipe):
+    """The recipe as flags of any training script, e.g. '--dataset cifar10 --arch resnet18 ... --batch-size 1024'."""
+    out = []
+    for name, value in recipe:
+        if name == "batchnorm":
+            out += [] if value else ["--no-batchnorm"]
+        elif value is not None:  # --subset not given; an old run without --analysis-samples
+            out.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(out)
+
+
+def recipe_title(recipe):
+    r = dict(recipe)
+    subset = f" (first {r['subset']} images)" if r["subset"] else ""
+    return (f"{r['dataset']}{subset}, {r['arch']} ({r['stem']} stem), "
+            f"{'BatchNorm' if r['batchnorm'] else 'no BatchNorm'}, {r['image_size']} px, {r['epochs']} "
+            f"epoch{'s' * (r['epochs'] != 1)}, "
+            f"batch {r['batch_size']}; monitor on the {r['eval_split']} split (k-NN k = {r['knn_k']}, T = "
+            f"{r['knn_t']}; analysis of {known(r['analysis_samples'])} images)")
+
+
+def probe_flags(probe):
+    """linear_eval.py's flags for a probe protocol (those it records)."""
+    parts = [f"--dataset {probe.dataset}" if probe.dataset else "", f"--eval-split {probe.eval_split}",
+             f"--epochs {probe.epochs}" if probe.epochs is not None else "",
+             f"--batch-size {probe.batch_size}" if probe.batch_size is not None else "",
+             f"--lr {probe.lr}" if probe.lr is not None else "", "--precompute" if probe.precompute else ""]
+    return " ".join(p for p in parts if p)
+
+
+def row_setting(run):
+    """The run's settings beside its method's preset, less the recipe's (a recipe flag is the same on every row)."""
+    return tuple((name, value) for name, value in run.key[3] if name not in RECIPE)
+
+
+def row_label(method, setting):
+    text = flags(method, setting)
+    return f"{NAMES.get(method, method)}{' ' + text if text else ''}"
+
+
+def last_evaluation(run):
+    """The metrics row of the run's last evaluation (the k-NN monitor and the analysis), or {}."""
+    return next((row for row in reversed(run.metrics) if "knn_top1" in row), {})
+
+
+def family_value(run, probe, measure):
+    if measure in ("top1", "top5"):
+        return (result_of(run, probe, False) or {}).get(measure) if probe else None
+    if measure == "images_per_s":
+        values = [row["images_per_s"] for row in run.metrics if "images_per_s" in row]
+        return sum(values) / len(values) if values else None
+    return last_evaluation(run).get("knn_top1" if measure == "knn_monitor" else measure)
+
+
+def family_recipes(groups):
+    """[(recipe, its finished runs)] of every recipe with runs of two methods or more (a comparison), and
+    [(recipe, method, runs)] of the recipes with one method only. Runs whose method's script is not here have no
+    preset to tell their settings from the recipe's: left out."""
+    by_recipe = {}
+    for key in groups:
+        if not (key[3] and key[3][0][0] == NO_SCRIPT):
+            for run in groups[key]:
+                by_recipe.setdefault(recipe_of(run.args), []).append(run)
+    shown, alone = [], []
+    for recipe in sorted(by_recipe, key=str):
+        runs = by_recipe[recipe]
+        methods = sorted({r.method for r in runs})
+        if len(methods) > 1:
+            shown.append((recipe, runs))
+        else:
+            alone.append((recipe, methods[0], runs))
+    return shown, alone
+
+
+def probe_order(probes):
+    """The paper's probe first (Appendix D), then the others by their description."""
+    return sorted(probes, key=lambda p: (bool(p.differences("Table 5")), p.describe(knn=False)))
+
+
+def family_rows(runs):
+    """{(method, setting, probe): runs}: a run evaluated with two probe protocols is in two rows (never averaged
+    with itself), one never evaluated is in a row with probe None."""
+    rows = {}
+    for run in runs:
+        probes = list(dict.fromkeys(project(p, False) for p in run.evals)) or [None]
+        for probe in probes:
+            rows.setdefault((run.method, row_setting(run), probe), []).append(run)
+    return rows
+
+
+def paper_numbers(runs):
+    """The paper's top-1 for these runs' settings, e.g. '90.74 (Tables 4, 5, C.7, C.8)', or '-'."""
+    keys = {r.key for r in runs}
+    numbers = {}
+    for row in paper_rows():
+        if row.key in keys:
+            tables = numbers.setdefault(row.paper["top1"], [])
+            if row.table not in tables:
+                tables.append(row.table)
+    return "; ".join(f"{n:.2f} ({'Tables' if len(t) > 1 else 'Table'} "
+                     f"{', '.join(x.removeprefix('Table ') for x in t)})" for n, t in numbers.items()) or "-"
+
+
+def family_stats(rows):
+    """[(method, setting, probe, runs, {measure: (mean ± std or None, the runs that have it)})], sorted by linear
+    top-1, then (no probe) by the k-NN monitor."""
+    lines = []
+    for (method, setting, probe), runs in rows.items():
+        stats = {}
+        for measure, _, _ in FAMILY_MEASURES:
+            done = [(r, v) for r in runs if (v := family_value(r, probe, measure)) is not None]
+            stats[measure] = (mean_std([v for _, v in done]) if done else None, [r for r, _ in done])
+        lines.append((method, setting, probe, runs, stats))
+
+    def order(line):
+        top1, knn = line[4]["top1"][0], line[4]["knn_monitor"][0]
+        return (0, -top1[0]) if top1 else (1, -knn[0]) if knn else (2, 0)
+    return sorted(lines, key=order)
+
+
+def family_table(i, recipe, runs, report, records):
+    """Recipe i: its flags, its probes (lettered, the paper's first) and one row per method, setting and probe."""
+    rows = family_rows(runs)
+    probes = probe_order({probe for _, _, probe in rows if probe is not None})
+    letters = {probe: chr(ord("A") + j) for j, probe in enumerate(probes)}
+    train = recipe_flags(recipe)
+    report.append(f"### Recipe {i}: {recipe_title(recipe)}\n")
+    report.append(f"Train each row with `python <method>.py {train} <settings> --seed S`, then evaluate with "
+                  f"`python linear_eval.py --checkpoint runs/<run> <probe flags>`. Probes:\n")
+    for probe in probes:
+        differs = probe.differences("Table 5")
+        report.append(f"- {letters[probe]}: {probe.describe(knn=False)}: `{probe_flags(probe)}`; "
+                      + (f"not the paper's ({'; '.join(differs)})" if differs else "the paper's (Appendix D)"))
+    report.append("")
+    cells = []
+    for method, setting, probe, row_runs, stats in family_stats(rows):
+        paper, text = paper_numbers(row_runs), flags(method, setting)
+        commands = (f"python {method}.py {train}{' ' + text if text else ''} --seed S"
+                    + (f"; python linear_eval.py --checkpoint runs/<run> {probe_flags(probe)}" if probe else ""))
+        cell = [NAMES.get(method, method), f"`{text}`" if text else "preset", letters.get(probe, "-")]
+        for measure, _, digits in FAMILY_MEASURES:
+            value, done = stats[measure]
+            cell.append(fmt(value, digits) + (f" (n = {len(done)})" if value and len(done) < len(row_runs) else ""))
+            records.append({**record("family", train, row_label(method, setting), method, text,
+                                     probe.describe(knn=False) if probe else "no linear probe",
+                                     not probe.differences("Table 5") if probe else "", measure,
+                                     paper if measure == "top1" and paper != "-" else "", value, done),
+                            "commands": commands})
+        cells.append(cell + [paper, seeds_text(row_runs)])
+    report += md_table(["method", "settings", "probe", *(h for _, h, _ in FAMILY_MEASURES), "paper top-1", "seeds"],
+                       cells) + [""]
+
+
+def family_tables(groups, report, records):
+    """Per recipe with two methods or more: one row per method, setting and probe protocol, seeds averaged."""
+    shown, alone = family_recipes(groups)
+    if not shown:
+        return
+    report.append("## The uniformity family, one recipe at a time\n")
+    report.append("Every method trained on the same data, encoder, epochs and batch, and measured by the same "
+                  "monitor: the k-NN monitor's last top-1 and the analysis of the last evaluation (Section 5): G2 "
+                  "(Eq. 2, t = 2) and SFRIK's Legendre MMD to the uniform law of the encoder features (lower: more "
+                  "uniform), alignment (Eq. A.1) of two views' features (lower: better aligned), the projector's "
+                  "MHE (Eq. 7). One row per method and setting beside its preset (seeds averaged: mean ± sample "
+                  "std) and per linear probe protocol (never averaged across); a measure over fewer runs than the "
+                  "row's says n. Sorted by linear top-1, then the rows without a probe by the k-NN monitor.\n")
+    for i, (recipe, runs) in enumerate(shown, 1):
+        family_table(i, recipe, runs, report, records)
+    if alone:
+        report.append("Not a comparison (runs of one method only): "
+                      + "; ".join(f"{recipe_title(recipe)}: {method}, {len(runs)} run(s)"
+                                  for recipe, method, runs in alone) + ".\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Figures (matplotlib, imported here only)
 # ----------------------------------------------------------------------------------------------------------------
 FIGURE_METHODS = ("byol", "byol_uniformity", "byol_mhe")  # the paper's curves (Figs. 4-6, 8)
@@ -686,6 +1055,109 @@ def figure_8(plt, groups, out, written, notes):
         notes.append("Fig. 8: no evaluated run with Table C.8's settings (needs the 1024 row of a method)")
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def family_styles(runs):
+    """{(method, setting): (colour, marker, line style)}: a colour per method (FAMILY_METHODS' order), a marker and
+    a line style per further setting of the same method."""
+    styles, seen = {}, {}
+    for run in sorted(runs, key=lambda r: (r.method, str(row_setting(r)))):
+        key = (run.method, row_setting(run))
+        if key not in styles:
+            i = FAMILY_METHODS.index(run.method) if run.method in FAMILY_METHODS else len(FAMILY_METHODS)
+            k = seen[run.method] = seen.get(run.method, -1) + 1
+            styles[key] = (f"C{i % 10}", MARKERS[k % len(MARKERS)], ("-", "--", ":", "-.")[k % 4])
+    return styles
+
+
+def point_label(run, probes):
+    """The run's linear top-1 under the first of `probes` it was evaluated with, else its k-NN monitor's."""
+    for probe in probes:
+        top1 = (result_of(run, probe, False) or {}).get("top1")
+        if top1 is not None:
+            return f"{top1:.1f}"
+    knn = last_evaluation(run).get("knn_top1")
+    return f"k-NN {knn:.1f}" if knn is not None else ""
+
+
+def plane_figure(plt, title, runs, probes):
+    """Wang & Isola's alignment-uniformity plane (their Fig. 2; lower left is better): one point per finished run
+    at (eval_uniformity, eval_alignment) of its last evaluation, a colour per method, labelled with its top-1.
+    Returns the Figure, or None when no run logged both measures."""
+    styles, points = family_styles(runs), {}
+    for run in runs:
+        row = last_evaluation(run)
+        if row.get("eval_uniformity") is not None and row.get("eval_alignment") is not None:
+            points.setdefault((run.method, row_setting(run)), []).append(
+                (row["eval_uniformity"], row["eval_alignment"], point_label(run, probes)))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key in sorted(points, key=lambda k: (k[0], str(k[1]))):
+        colour, marker, _ = styles[key]
+        xs, ys, labels = zip(*points[key])
+        ax.scatter(xs, ys, color=colour, marker=marker, s=36, label=row_label(*key))
+        for x, y, text in points[key]:
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
+    ax.set_xlabel("uniformity: eval_uniformity, G2 of the encoder features (Eq. 2, t = 2)")
+    ax.set_ylabel("alignment: eval_alignment (Eq. A.1)")
+    ax.set_title(f"{title}\nlower left is better (Wang & Isola, 2020)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def family_curves_figure(plt, title, runs):
+    """eval_uniformity and the k-NN monitor's top-1 against the epoch, one line per finished run, a colour per
+    method: where the methods part ways. Returns the Figure, or None when no run logged either."""
+    panels = [("eval_uniformity", "uniformity of the encoder features", "G2 (Eq. 2, t = 2)"),
+              ("knn_top1", "k-NN monitor", "k-NN top-1 (%)")]
+    if not any(m in row for run in runs for row in run.metrics for m, _, _ in panels):
+        return None
+    styles, labelled = family_styles(runs), set()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (metric, panel, ylabel) in zip(axes, panels):
+        for run in sorted(runs, key=lambda r: (r.method, str(row_setting(r)))):  # the legend in the plane's order
+            pts = [(row["epoch"], row[metric]) for row in run.metrics if row.get(metric) is not None]
+            if pts:
+                key = (run.method, row_setting(run))
+                colour, marker, ls = styles[key]
+                ax.plot(*zip(*pts), color=colour, ls=ls, marker=marker if len(pts) < 30 else None, ms=3, lw=1.2,
+                        label=row_label(*key) if (ax, key) not in labelled else None)
+                labelled.add((ax, key))
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, frameon=False, fontsize=8)
+    return fig
+
+
+def family_figures(plt, groups, out, written):
+    """Per recipe of the family tables: its alignment-uniformity plane and its curves."""
+    for i, (recipe, runs) in enumerate(family_recipes(groups)[0], 1):
+        rows = family_rows(runs)
+        probes = probe_order({probe for _, _, probe in rows if probe is not None})
+        title = f"Recipe {i}: {recipe_title(recipe)}"
+        title = title if len(title) < 100 else title.replace("; ", ";\n", 1)
+        for fig, name, caption in (
+                (plane_figure(plt, title, runs, probes), "plane",
+                 "alignment-uniformity plane (Wang & Isola, 2020, Fig. 2: lower left is better), one point per "
+                 "finished run, labelled with its linear top-1 (" + (f"probe {', then '.join('ABCDEFGH'[:len(probes)])}"
+                                                                     if probes else "no probe") + ") or k-NN"),
+                (family_curves_figure(plt, title, runs), "curves", "eval_uniformity and k-NN top-1 against epoch")):
+            if fig is not None:
+                path = out / f"family{i}_{name}.png"
+                fig.savefig(path, dpi=110, bbox_inches="tight")
+                plt.close(fig)
+                written.append((path, f"Recipe {i}: {caption}"))
+
+
 def figures(groups, runs, out, notes):
     """Write the figures under `out`; returns [(path, caption)]."""
     try:
@@ -722,6 +1194,7 @@ def figures(groups, runs, out, notes):
         notes.append("Figs. 4-6: no finished run of byol/byol_uniformity/byol_mhe at its preset "
                      "(any --epochs and --eval-split)")
     figure_8(plt, groups, out, written, notes)
+    family_figures(plt, groups, out, written)
 
     curves, names = out / "loss_curves", set()
     for run in runs:  # every logged loss term of every run, finished or not
@@ -753,20 +1226,51 @@ def build_parser():
     return p
 
 
-def runs_csv(runs):
+def runs_csv(runs, duplicates):
+    apart = {id(run): (of, copy) for run, of, copy in duplicates}
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["run", "method", "dataset", "epochs", "seed", "settings", "finished", "epochs_done",
-                "eval_file", "protocol", "top1", "top5", "knn_top1"])
+                "eval_file", "protocol", "top1", "top5", "knn_top1", "counted"])
     for r in runs:
+        of, copy = apart.get(id(r), (None, None))
+        counted = "yes" if of is None else \
+            f"no: {'a copy of' if copy else 'same settings and seed as'} {', '.join(str(o.path) for o in of)}"
         base = [r.path, r.method, r.args["dataset"], r.args["epochs"], r.seed, group_label(r.key), r.finished,
                 r.last_epoch]
         for p, result in r.evals.items():
             w.writerow(base + [r.eval_files[p], p.describe(), result.get("top1"), result.get("top5"),
-                               result.get("knn_top1")])
+                               result.get("knn_top1"), counted])
         if not r.evals:
-            w.writerow(base + ["", "", "", "", ""])
+            w.writerow(base + ["", "", "", "", "", counted])
     return buf.getvalue()
+
+
+# What a report writes into --out; a folder holding any of these holds an earlier report.
+REPORT_FILES = ("results.md", "results.csv", "runs.csv", "loss_curves", "fig*.png", "family*.png")
+
+
+def report_folder(out):
+    """`out`, or, when it holds an earlier report, the first of <out>-2, <out>-3, ... that does not exist: an
+    earlier report is never replaced (as linear_eval.py never replaces a result)."""
+    if not (out.is_dir() and any(next(out.glob(pattern), None) for pattern in REPORT_FILES)):
+        return out
+    base, n = out if out.name else out.resolve(), 2
+    while (free := base.with_name(f"{base.name}-{n}")).exists():
+        n += 1
+    return free
+
+
+def collect(paths, notes):
+    """(every run found, the number of folders with args.json, the runs counted, the duplicates set apart,
+    {key: the finished runs counted}): what the tables and figures are made of."""
+    found, candidates = find_runs(paths, notes)
+    runs, duplicates = set_apart_duplicates(found, notes)
+    groups = {}
+    for r in runs:
+        if r.finished:
+            groups.setdefault(r.key, []).append(r)
+    return found, candidates, runs, duplicates, groups
 
 
 def main(argv=None):
@@ -774,33 +1278,41 @@ def main(argv=None):
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise common.UserError(f"--out {args.out} is a file, not a folder")
     notes = []
-    runs = find_runs(args.paths, notes)
+    found, candidates, runs, duplicates, groups = collect(args.paths, notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    if not runs:
-        raise common.UserError(f"no run folders (folders with args.json) under {', '.join(map(str, args.paths))}")
+    if not found:
+        where = ", ".join(map(str, args.paths))
+        raise common.UserError(f"no readable run folders under {where} (each is skipped in a note above)" if candidates
+                               else f"no run folders (folders with args.json) under {where}")
     done = [r for r in runs if r.finished]
-    groups = {}
-    for r in done:
-        groups.setdefault(r.key, []).append(r)
 
-    report, records = [f"# Results: {len(done)} finished run(s), {len(runs) - len(done)} unfinished\n"], []
+    report = [f"# Results: {len(done)} finished run(s), {len(runs) - len(done)} unfinished"
+              + (f"; {len(duplicates)} duplicate(s) set apart" if duplicates else "") + "\n"]
+    records = []
     paper_tables(groups, report, records)
+    family_tables(groups, report, records)
     other_runs(groups, report, records)
     unfinished([r for r in runs if not r.finished], report)
+    duplicates_section(duplicates, report)
     if not done:
         report.append("No finished runs yet.\n")
 
     if args.out is not None:
+        out = report_folder(args.out)
+        if out != args.out:
+            print(f"note: --out {args.out} holds an earlier report, kept; this one goes to {out}", file=sys.stderr)
+        copies = {id(run) for run, _, copy in duplicates if copy}
         try:
-            write_out(args.out, report, records, groups, runs)
+            write_out(out, report, records, groups, [r for r in found if id(r) not in copies], found, duplicates)
         except OSError as e:
-            raise common.UserError(f"cannot write into --out {args.out}: {e.strerror or e}")
+            raise common.UserError(f"cannot write into --out {out}: {e.strerror or e}")
     print("\n".join(report))
     return 0
 
 
-def write_out(out, report, records, groups, runs):
+def write_out(out, report, records, groups, runs, found, duplicates):
+    """results.md, results.csv, runs.csv (every run found) and the figures (loss curves of `runs`) into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     notes = []
     written = figures(groups, runs, out, notes)
@@ -811,7 +1323,7 @@ def write_out(out, report, records, groups, runs):
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(records)
-    (out / "runs.csv").write_text(runs_csv(runs))
+    (out / "runs.csv").write_text(runs_csv(found, duplicates))
 
 
 if __name__ == "__main__":

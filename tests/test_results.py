@@ -3,20 +3,25 @@ import csv
 import importlib
 import json
 import math
+import shutil
 
+import matplotlib
+import matplotlib.figure
 import pytest
 
 import common
 import results
 from conftest import run_script
-from test_cli import TINY, check_ok
+from test_cli import check_ok
 
 BLOCKS = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]  # ResNet-18's eight blocks (Fig. 4)
 
 
-def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_per_epoch=48):
+def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_per_epoch=48, images_per_s=100.0,
+              last=None):
     """A run folder as the scripts write it: args.json (the script's own parse_args), metrics.jsonl (one line per
-    epoch, the analysis every 50 epochs) and linear_eval JSONs (dicts of top1/top5/knn_top1, plus any field)."""
+    epoch, the analysis every 50 epochs; `last` updates the last row) and linear_eval JSONs (dicts of
+    top1/top5/knn_top1, plus any field)."""
     args = vars(importlib.import_module(script).parse_args([*argv, "--seed", str(seed)]))
     folder = root / name
     folder.mkdir(parents=True)
@@ -26,14 +31,17 @@ def write_run(root, name, script, argv=(), seed=0, done=None, evals=(), steps_pe
     lines, shift = [], {"byol": 0.3, "byol_uniformity": 0.15}.get(script, 0.0)  # curves apart in the figures
     for e in range(1, done + 1):
         row = {"epoch": e, "step": e * steps_per_epoch, "loss": 4 / e + seed, "byol": 3 / e, "lr": 0.1, "tau": 0.99,
-               "seconds": 1.0, "images_per_s": 100.0}
+               "seconds": 1.0, "images_per_s": images_per_s}
         if script == "byol_mhe":
             row["mhe"] = 1 / e
         if e % 50 == 0 or e == done:
             row.update(knn_top1=50 + e / 10 - 10 * shift, eval_uniformity=-1 - e / 300 + shift, eval_alignment=0.5,
+                       eval_mmd_legendre=0.1 + shift - e / 3000,
                        **{f"eval_mhe_{p}": 0.5 + 0.1 * i + shift - e / 3000
                           for i, p in enumerate(("encoder", "projector", "predictor"))},
                        **{f"eval_energy_{b}": 1 + k / 10 - e / 1000 + shift for k, b in enumerate(BLOCKS)})
+        if e == done and last:
+            row.update(last)
         lines.append(json.dumps(row))
     (folder / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
     if done == args["epochs"]:
@@ -189,23 +197,50 @@ def test_empty_folder_and_bad_paths(tmp_path, monkeypatch, capsys, argv, text):
     assert exit.value.code == 2 and err.count("\n") == 1 and text in err, err
 
 
-def test_real_tiny_run(cifar_dir, tmp_path):
-    """A real BYOL-MHE run and its linear evaluation, as the scripts write them, read back."""
-    run = tmp_path / "runs" / "tiny"
-    check_ok(run_script("byol_mhe.py", "--data-dir", cifar_dir, "--batch-size", "16", "--out-dir", run, *TINY))
-    check_ok(run_script("linear_eval.py", "--checkpoint", run, "--epochs", "1", "--workers", "0", "--precompute"))
-    result = json.loads((run / "linear_eval_test.json").read_text())
-    proc = check_ok(run_script("results.py", tmp_path / "runs", "--out", tmp_path / "out"))
-    other = section(proc.stdout, "## Other runs")
-    assert "--epochs 1 --batch-size 16 --hidden-dim 64 --proj-dim 32" in other
+def test_real_tiny_runs(cifar_dir, tmp_path, capsys, monkeypatch):
+    """Real BYOL-MHE and SimCLR runs of one tiny recipe (16 px, batch 16, 1 epoch), BYOL-MHE linearly evaluated, as
+    the scripts write them, read back: into "Other runs" and into the family table and its figures."""
+    runs = tmp_path / "runs"
+    mhe, simclr = runs / "tiny", runs / "tiny-simclr"
+    small = ["--batch-size", "16", "--image-size", "16", "--epochs", "1", "--workers", "0", "--proj-dim", "32"]
+    check_ok(run_script("byol_mhe.py", "--data-dir", cifar_dir, "--out-dir", mhe, *small, "--hidden-dim", "64"))
+    check_ok(run_script("simclr.py", "--data-dir", cifar_dir, "--out-dir", simclr, *small))
+    check_ok(run_script("linear_eval.py", "--checkpoint", mhe, "--epochs", "1", "--workers", "0", "--precompute"))
+    result = json.loads((mhe / "linear_eval_test.json").read_text())
+    saved, savefig = {}, matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: (saved.__setitem__(path.name, fig), savefig(fig, path, **kw))[1])
+    assert results.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    other = section(out, "## Other runs")
+    assert "--epochs 1 --batch-size 16 --hidden-dim 64 --image-size 16 --proj-dim 32" in other
     assert f"| {result['top1']:.2f} | {result['top5']:.2f} | {result['knn_top1']:.2f} |" in other
     assert "linear probe 1 epoch on precomputed features" in other
     assert (tmp_path / "out" / "loss_curves" / "tiny.png").stat().st_size > 5000
-    # the columns Figs. 4-6 draw are the ones a run writes
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    for key in ("knn_top1", "eval_uniformity", "eval_mhe_encoder", "eval_mhe_projector", "eval_mhe_predictor",
-                *[f"eval_energy_{b}" for b in BLOCKS]):
-        assert isinstance(row[key], float), key
+    # the columns Figs. 4-6 and the family table read are the ones a run writes
+    rows = {run: json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]) for run in (mhe, simclr)}
+    for key in ("knn_top1", "eval_uniformity", "eval_mmd_legendre", "eval_alignment", "eval_mhe_encoder",
+                "eval_mhe_projector", "eval_mhe_predictor", *[f"eval_energy_{b}" for b in BLOCKS]):
+        assert isinstance(rows[mhe][key], float), key
+    family = section(out, "### Recipe 1")
+    assert family.startswith("### Recipe 1: cifar10, resnet18 (cifar stem), BatchNorm, 16 px, 1 epoch, batch 16; "
+                             "monitor on the test split (k-NN k = 200, T = 0.1; analysis of 1024 images)")
+    assert "- A: test split; linear probe 1 epoch on precomputed features, batch 100, base LR 0.2: " \
+           "`--eval-split test --epochs 1 --batch-size 100 --lr 0.2 --precompute`; not the paper's" in family
+
+    def measures(row):
+        return (f"{row['knn_top1']:.2f} | {row['eval_uniformity']:.3f} | {row['eval_mmd_legendre']:.3f} | "
+                f"{row['eval_alignment']:.3f} | {row['eval_mhe_projector']:.3f} | {row['images_per_s']:.0f} | - | "
+                f"1 (0) |")
+    assert table_line(family, "BYOL-MHE") == (f"| BYOL-MHE | `--hidden-dim 64 --proj-dim 32` | A | "
+                                              f"{result['top1']:.2f} | {result['top5']:.2f} | {measures(rows[mhe])}")
+    assert table_line(family, "SimCLR*") == f"| SimCLR* | `--proj-dim 32` | - | - | - | {measures(rows[simclr])}"
+    (plane,) = saved["family1_plane.png"].axes
+    assert sorted(tuple(xy) for c in plane.collections for xy in c.get_offsets()) == sorted(
+        (row["eval_uniformity"], row["eval_alignment"]) for row in rows.values())
+    assert [len(ax.lines) for ax in saved["family1_curves.png"].axes] == [2, 2]
+    for name in ("family1_plane.png", "family1_curves.png"):
+        assert f"`{name}`: Recipe 1: " in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_table_1_keeps_the_knn_protocol_and_the_latest_evaluation(tmp_path, capsys):
@@ -253,3 +288,195 @@ def test_an_evaluation_of_an_earlier_epoch_is_ignored(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "linear_eval_test-2.json: evaluates the checkpoint of epoch 120 of 300, not the finished run" in err
     assert "| 90.00 |" in table_line(section(out, "## Table 5"), "no MHE (BYOL)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 18: never a run counted twice, never a crash on a wrong-typed field, never an earlier report replaced
+# ----------------------------------------------------------------------------------------------------------------
+def two_byol_seeds(root):
+    """BYOL seeds 0 and 1 at its preset (Table 5's 'no MHE' row): top-1 90 and 92, mean 91, sample std sqrt(2)."""
+    return [write_run(root, f"byol-{seed}", "byol", [], seed, evals=[{"top1": top1}])
+            for seed, top1 in enumerate((90.0, 92.0))]
+
+
+TWO_SEEDS = f"| 90.74 | 91.00 ± {math.sqrt(2):.2f} | 2 (0, 1) |"
+
+
+def byol_row(out):
+    return table_line(section(out, "## Table 5"), "no MHE (BYOL)")
+
+
+def test_a_symlink_loop_is_read_once(tmp_path, capsys):
+    """loop -> . made one run 41 seeds (0, 0, ...) with ± 0.00: each real folder is visited once."""
+    two_byol_seeds(tmp_path / "runs")
+    (tmp_path / "runs" / "loop").symlink_to(".")
+    (tmp_path / "runs" / "byol-0" / "up").symlink_to("..")  # a loop from inside a run folder: never entered
+    assert results.main([str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert byol_row(out).endswith(TWO_SEEDS)
+    assert f"note: {tmp_path / 'runs' / 'loop'}: the same folder as {tmp_path / 'runs'}" in err
+
+
+@pytest.mark.parametrize("given,first", [(("runs", "runs"), "runs"), (("runs", "runs/byol-0"), "runs/byol-0"),
+                                         (("runs/byol-1", "link"), "runs/byol-1")])
+def test_a_folder_given_twice_is_read_once(tmp_path, monkeypatch, capsys, given, first):
+    """The same folder given twice, inside a folder given too, or through a link to it: one run."""
+    monkeypatch.chdir(tmp_path)
+    two_byol_seeds(tmp_path / "runs")
+    (tmp_path / "link").symlink_to(tmp_path / "runs" / "byol-1")
+    assert results.main(list(given)) == 0
+    out, err = capsys.readouterr()
+    if given[0] == "runs":
+        assert byol_row(out).endswith(TWO_SEEDS)
+    else:
+        assert byol_row(out).endswith("| 90.74 | 92.00 | 1 (1) |")
+    assert err == f"note: {given[1]}: the same folder as {first} (a link, or a path given twice), read once\n"
+
+
+def test_a_copy_of_a_run_is_counted_once_and_reported_with_both_paths(tmp_path, capsys):
+    """cp -r run run.bak made n = 2. A copy has the same args.json (out_dir apart) and the same metrics rows; the
+    copy with the most evaluations is counted (here the backup, evaluated after the copy was made). A setting of
+    no paper row (--hidden-dim 8): no paper figure to draw, only the two loss curves."""
+    runs = tmp_path / "runs"
+    run = write_run(runs, "byol-0", "byol", ["--hidden-dim", "8"], 0)
+    backup = runs / "byol-0.bak"
+    shutil.copytree(run, backup)
+    edit_json(backup / "args.json", out_dir=str(backup))  # as if resumed from there
+    other = write_run(runs, "byol-1", "byol", ["--hidden-dim", "8"], 1, evals=[{"top1": 92.0}])
+    (backup / "linear_eval_test.json").write_text((other / "linear_eval_test.json").read_text().replace("92.0", "90.0"))
+    assert results.main([str(runs), "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert f"| 91.00 ± {math.sqrt(2):.2f} | 99.00 ± 0.00 | 80.00 ± 0.00 | 77.00 ± 0.00 (test, k = 200, T = 0.1) " \
+           f"| 2 (0, 1) |" in section(out, "## Other runs")
+    assert "# Results: 2 finished run(s), 0 unfinished; 1 duplicate(s) set apart" in out
+    assert f"| {backup} | {run} |" in section(out, "## Duplicates")  # counted, copy
+    assert err == f"note: {run}: a copy of {backup} (the same args.json and metrics.jsonl), counted once\n"
+    rows = {r["run"]: r["counted"] for r in csv.DictReader(open(tmp_path / "out" / "runs.csv"))}
+    assert rows == {str(run): f"no: a copy of {backup}", str(backup): "yes", str(other): "yes"}
+    assert sorted(p.name for p in (tmp_path / "out" / "loss_curves").iterdir()) == ["byol-0.bak.png", "byol-1.png"]
+
+
+def test_two_runs_with_the_same_seed_and_settings_are_never_averaged(tmp_path, capsys):
+    """Two different trainings (not copies) with the same settings and seed are not two seeds: neither is averaged
+    in, and both are listed with their paths."""
+    two_byol_seeds(tmp_path / "runs")
+    again = write_run(tmp_path / "runs", "byol-0-again", "byol", [], 0, steps_per_epoch=49, evals=[{"top1": 80.0}])
+    assert results.main([str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert byol_row(out).endswith("| 90.74 | 92.00 | 1 (1) |")
+    dup = section(out, "## Duplicates")
+    first = tmp_path / "runs" / "byol-0"
+    assert f"| 0 | {first} | {again} |" in dup and f"| 0 | {again} | {first} |" in dup
+    assert f"note: {first}, {again}: different runs with the same settings and seed 0" in err
+
+
+def test_the_stem_auto_gives_is_the_same_setting_and_its_seeds_are_not_counted_twice(tmp_path, capsys):
+    """--stem cifar on CIFAR-10 trains the preset's encoder (--stem auto): its seed 1 is Table 5's, and its seed 0
+    is a second run of the preset's seed 0, not another seed."""
+    runs = tmp_path / "runs"
+    first = write_run(runs, "byol-0", "byol", [], 0, evals=[{"top1": 90.0}])
+    write_run(runs, "byol-1-cifar-stem", "byol", ["--stem", "cifar"], 1, evals=[{"top1": 92.0}])
+    again = write_run(runs, "byol-0-cifar-stem", "byol", ["--stem", "cifar"], 0, evals=[{"top1": 80.0}])
+    assert results.main([str(runs)]) == 0
+    out, _ = capsys.readouterr()
+    assert byol_row(out).endswith("| 90.74 | 92.00 | 1 (1) |")
+    assert f"| 0 | {again} | {first} |" in section(out, "## Duplicates")
+
+
+def edit_metrics_row(run, index, **fields):
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[index] = json.dumps({**json.loads(lines[index]), **fields})
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def edit_json(path, **fields):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("top1", "90", 'top1 is "90", not a number'),
+    ("knn_k", [200], "knn_k is [200], not an integer"),
+    ("checkpoint_epoch", "300", 'checkpoint_epoch is "300", not an integer'),
+    ("precompute", "no", 'precompute is "no", not true or false'),
+    ("top1", True, "top1 is true, not a number"),
+])
+def test_an_evaluation_with_a_wrong_typed_field_is_skipped_with_a_note(tmp_path, capsys, field, value, problem):
+    """Each of these crashed the whole report (a str in the mean, an unhashable protocol, a str compared with the
+    run's epochs); a bool where a number belongs would count as 0 or 1."""
+    runs = two_byol_seeds(tmp_path / "runs")
+    edit_json(runs[1] / "linear_eval_test.json", **{field: value})
+    assert results.main([str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert byol_row(out).endswith("| 90.74 | 90.00 | 1 (0) |")
+    assert err.splitlines() == [f"note: {runs[1] / 'linear_eval_test.json'}: not a linear_eval result ({problem}), "
+                                f"ignored"]
+
+
+@pytest.mark.parametrize("index,fields,note", [
+    (-1, {"epoch": "300"}, 'line 300: epoch is "300", not an integer'),
+    (-1, {"epoch": True}, "line 300: epoch is true, not an integer"),
+    (-1, {"knn_top1": "x"}, 'line 300: knn_top1 is "x", not a number'),
+    (49, {"eval_uniformity": [1]}, "line 50: eval_uniformity is [1], not a number"),
+])
+def test_a_metrics_row_with_a_wrong_typed_field_is_skipped_with_a_note(tmp_path, capsys, index, fields, note):
+    """The line is ignored as an unreadable line is: a run whose last row is ignored is not finished (its k-NN
+    monitor, in a str, crashed the mean; an epoch in a str crashed the report)."""
+    runs = [write_run(tmp_path / "runs", f"other-{seed}", "byol", ["--hidden-dim", "8"], seed,
+                      evals=[{"top1": 80.0 + seed}]) for seed in (0, 1)]
+    edit_metrics_row(runs[1], index, **fields)
+    assert results.main([str(tmp_path / "runs")]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [f"note: {runs[1]}: ignored 1 line(s) of metrics.jsonl with a field of the wrong "
+                                f"type ({note})"]
+    other = table_line(section(out, "## Other runs"), "`byol.py --dataset cifar10 --epochs 300 --hidden-dim 8`")
+    if index == -1:
+        assert other.endswith("| 80.00 | 99.00 | 80.00 | 77.00 (test, k = 200, T = 0.1) | 1 (0) |")
+        assert "| 299 / 300 |" in section(out, "## Unfinished runs")
+    else:  # a row in the middle: the run is finished, its curve lacks a point
+        assert other.endswith(f"| 80.50 ± {math.sqrt(0.5):.2f} | 99.00 ± 0.00 | 80.00 ± 0.00 | 77.00 ± 0.00 (test, "
+                              f"k = 200, T = 0.1) | 2 (0, 1) |")
+
+
+@pytest.mark.parametrize("fields,note", [
+    ({"dataset": "mnist"}, "byol.py of this checkout refuses args.json's --dataset mnist --epochs 300 (argument "
+                           "--dataset: invalid choice: 'mnist'"),
+    ({"epochs": True}, "unreadable args.json (epochs is true, not a positive integer)"),
+    ({"epochs": 0}, "unreadable args.json (epochs is 0, not a positive integer)"),
+    ({"seed": "x"}, 'unreadable args.json (seed is "x", not an integer)'),
+    ({"mhe_on": {"a": 1}}, None),  # an object where a list belongs: a setting like any other, no crash
+])
+def test_an_args_json_that_cannot_be_read_gives_a_clean_note(tmp_path, capsys, fields, note):
+    """No stray 'error:' line from the method's parser, and no '(no byol.py here ...)' for a script that is here."""
+    runs = two_byol_seeds(tmp_path / "runs")
+    edit_json(runs[1] / "args.json", **fields)
+    with pytest.raises(SystemExit) as exit:
+        common.cli(lambda: results.main([str(tmp_path / "runs")]))
+    out, err = capsys.readouterr()
+    assert exit.value.code == 0 and "error" not in err and "no byol.py here" not in out, err
+    if note:
+        assert len(err.splitlines()) == 1 and err.startswith(f"note: skipped {runs[1]}: {note}"), err
+        assert byol_row(out).endswith("| 90.74 | 90.00 | 1 (0) |")
+    else:
+        assert "mhe_on=(('a', 1),)" in section(out, "## Other runs")
+
+
+def test_out_never_replaces_an_earlier_report(tmp_path, capsys):
+    """A second report into the same --out goes beside the first (results-2/), as linear_eval.py's -2.json."""
+    runs = tmp_path / "runs"
+    write_run(runs, "byol-0", "byol", [], 0, done=1)  # one unfinished run: quick to draw
+    assert results.main([str(runs), "--out", str(tmp_path / "results")]) == 0
+    first = {p.relative_to(tmp_path / "results"): p.read_bytes() for p in (tmp_path / "results").rglob("*")
+             if p.is_file()}
+    write_run(runs, "byol-1", "byol", [], 1, done=2)
+    capsys.readouterr()
+    assert results.main([str(runs), "--out", str(tmp_path / "results")]) == 0
+    out, err = capsys.readouterr()
+    assert f"note: --out {tmp_path / 'results'} holds an earlier report, kept; this one goes to " \
+           f"{tmp_path / 'results-2'}" in err
+    assert {p.relative_to(tmp_path / "results"): p.read_bytes() for p in (tmp_path / "results").rglob("*")
+            if p.is_file()} == first
+    assert "0 finished run(s), 2 unfinished" in (tmp_path / "results-2" / "results.md").read_text()
+    assert (tmp_path / "results-2" / "loss_curves" / "byol-1.png").is_file()
+    (tmp_path / "results-3").mkdir()  # taken (even empty): the next free name
+    assert results.main([str(runs), "--out", str(tmp_path / "results")]) == 0
+    assert (tmp_path / "results-4" / "results.md").is_file() and not any((tmp_path / "results-3").iterdir())

@@ -237,9 +237,8 @@ def settings(args):
 
 
 def stem_of(args):
-    """The stem --stem gives: auto is the CIFAR stem for CIFAR-10/100 only (Appendix B.1), as common.resolve_stem."""
-    stem = args.get("stem", "auto")
-    return stem if stem != "auto" else "cifar" if args.get("dataset") in ("cifar10", "cifar100") else "imagenet"
+    """The stem --stem gives: auto is the CIFAR stem for CIFAR-10/100 only (Appendix B.1)."""
+    return common.resolve_stem(args.get("stem", "auto"), args.get("dataset"))
 
 
 def flags(method, setting):

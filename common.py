@@ -18,6 +18,7 @@ Sections, in the order the paper introduces them:
 import argparse
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def load_data(dataset, data_dir, eval_split, subset=None):
                     raise UserError(f"{dataset} expects image folders {root / 'train'} and {root / 'val'}; "
                                     f"{root / sub} does not exist")
             train, test = (tv.ImageFolder(root / sub, loader=read_image) for sub in ("train", "val"))
+            for split in (train, test):
+                check_each_folder_once(split)
             if train.classes != test.classes:  # ImageFolder numbers the classes of each folder on its own
                 raise UserError(f"{root / 'val'} and {root / 'train'} hold different classes, so their labels "
                                 f"would not match: {class_difference(train.classes, test.classes)}")
@@ -134,6 +137,18 @@ def load_data(dataset, data_dir, eval_split, subset=None):
         first = lambda ds: Subset(ds, range(min(subset, len(ds))))  # noqa: E731
         data = Data(first(data.pretrain), first(data.bank), first(data.eval), num_classes)
     return data
+
+
+def check_each_folder_once(images):
+    """ImageFolder follows symbolic links, so a link to a folder above it (a loop: train/c0/loop -> . turns 16 images
+    into 336) or to another folder of the set would count the same images twice or more. Refuse two folders of
+    images that are one folder on disk (one realpath per folder, not per image)."""
+    seen = {}
+    for folder in dict.fromkeys(os.path.dirname(path) for path, _ in images.samples):
+        first = seen.setdefault(os.path.realpath(folder), folder)
+        if first != folder:
+            raise UserError(f"{folder} is {first} again (through a symbolic link), so its images would be counted "
+                            f"twice: remove the link")
 
 
 def class_difference(train, val):

@@ -113,6 +113,8 @@ def start_run(args):
     if len(data.pretrain) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images")
     if distributed.is_main():
+        print(f"# images: {len(data.pretrain)} to pre-train on, {len(data.bank)} labelled in the k-NN bank, "
+              f"{len(data.eval)} to evaluate on ({args.eval_split})")
         with runs.writing(out):
             out.mkdir(parents=True, exist_ok=True)
     return device, data, runs.Run(args, out, device)

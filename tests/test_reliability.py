@@ -1,0 +1,64 @@
+"""Reliability (issue 18, items 2, 4, 8, 10, 12, 14) and the author's residual BatchNorm start (issue 19, item 4):
+images counted once, a probe that diverged in one step, out of memory while building the model, a diverging MSBReg
+run, regulariser settings that do nothing, the CPU warning, --help as the command line reads it, and
+--no-zero-init-residual."""
+import json
+import os
+import shlex
+import sys
+
+import pytest
+import torch
+import torchvision
+
+import byol
+import byol_mhe
+import byol_uniformity
+import common
+import linear_eval
+import loop
+import msbreg
+import results
+import sfrik
+import simclr
+from conftest import TinyEncoder, write_folder
+from test_bad_input import check_refused, run_main
+from test_results import section, table_line, write_run
+from test_training import tiny_argv
+
+
+# --- 18.2: every image once, and the number of images said at the start --------------------------------------------
+def test_a_symbolic_link_loop_in_an_image_folder_is_refused(tmp_path):
+    data = write_folder(tmp_path / "data", classes=2, n_train=2, n_val=1, size=8)
+    os.symlink(".", data / "train" / "c0" / "loop")  # ImageFolder follows it until the path is too long
+    assert len(torchvision.datasets.ImageFolder(data / "train")) > 4  # what torchvision alone makes of it
+    with pytest.raises(common.UserError) as e:
+        common.load_data("folder", data, "test")
+    assert str(e.value) == (f"{data / 'train' / 'c0' / 'loop'} is {data / 'train' / 'c0'} again (through a symbolic "
+                            f"link), so its images would be counted twice: remove the link")
+
+
+def test_a_linked_copy_of_a_class_folder_is_refused(tmp_path):
+    data = write_folder(tmp_path / "data", classes=2, n_train=2, n_val=1, size=8)
+    os.symlink(data / "val" / "c0", data / "val" / "c1" / "more")  # the val images of c0, again as c1's
+    with pytest.raises(common.UserError, match=r"val/c1/more is .*val/c0 again \(through a symbolic link\)"):
+        common.load_data("folder", data, "test")
+    (data / "val" / "c1" / "more").unlink()
+    elsewhere = write_folder(tmp_path / "elsewhere", classes=1, n_train=1, n_val=1, size=8)
+    os.symlink(elsewhere / "val" / "c0", data / "val" / "c1" / "more")  # a link to images outside the set: once
+    assert len(common.load_data("folder", data, "test").eval) == 3
+
+
+def start(monkeypatch, argv):
+    """loop.start_run of `byol.py argv`, parsed from the command line as the script does."""
+    monkeypatch.setattr(sys, "argv", [str(common.Path(byol.__file__)), *map(str, argv)])
+    return loop.start_run(byol.parse_args())
+
+
+def test_every_run_says_how_many_images_each_split_holds(cifar_dir, tmp_path, no_md5, capsys, monkeypatch):
+    start(monkeypatch, tiny_argv(cifar_dir, tmp_path / "a", "--device", "cpu"))
+    assert "# images: 50 to pre-train on, 50 labelled in the k-NN bank, 20 to evaluate on (test)\n" in \
+        capsys.readouterr().out
+    start(monkeypatch, tiny_argv(cifar_dir, tmp_path / "b", "--eval-split", "val", "--device", "cpu"))
+    assert "# images: 10 to pre-train on, 10 labelled in the k-NN bank, 40 to evaluate on (val)\n" in \
+        capsys.readouterr().out

@@ -62,3 +62,24 @@ def test_every_run_says_how_many_images_each_split_holds(cifar_dir, tmp_path, no
     start(monkeypatch, tiny_argv(cifar_dir, tmp_path / "b", "--eval-split", "val", "--device", "cpu"))
     assert "# images: 10 to pre-train on, 10 labelled in the k-NN bank, 40 to evaluate on (val)\n" in \
         capsys.readouterr().out
+
+
+# --- 18.12: a full run on the CPU is announced, with the smoke run to try first ----------------------------------
+def test_a_full_run_on_the_cpu_says_what_it_will_do_and_how_to_smoke_test(cifar_dir, tmp_path, no_md5, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    start(monkeypatch, [*tiny_argv(cifar_dir, tmp_path / "run"), "--accum-steps", "2", "--tau-base=0.9"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: no GPU found: training on the CPU: 2 epochs x 5 steps "
+                                                   "of 10 images (resnet18); the progress bar shows the time per "
+                                                   "step (s/it) after the first step, and the run takes 10 times that")
+    command = shlex.split(lines[0].split("a smoke run checks the whole path first: ")[1])
+    assert command[:2] == ["python", "byol.py"]
+    smoke = byol.parse_args(command[2:])  # the user's other flags kept, a run folder of its own
+    assert (smoke.subset, smoke.epochs, smoke.batch_size, smoke.accum_steps) == (512, 2, 128, 1)
+    assert (smoke.out_dir, smoke.tau_base, smoke.hidden_dim, smoke.data_dir) == (None, 0.9, 32, str(cifar_dir))
+
+
+def test_a_smoke_run_on_the_cpu_is_not_warned_about(cifar_dir, tmp_path, no_md5, capsys, monkeypatch):
+    start(monkeypatch, tiny_argv(cifar_dir, tmp_path / "run", "--device", "cpu", "--subset", "40"))
+    assert capsys.readouterr().err == ""

@@ -81,10 +81,21 @@ def sanity_check(module, before):
 def train_probe(probe, loader, encode, lr, args, device):
     """SGD with momentum and a per-step cosine LR from lr to 0 (Appendix D), cross-entropy on encode(x).
 
-    A diverged probe stops the evaluation (UserError, no result reported): an epoch's mean loss that is not finite
-    or above 10 times the loss of the first step (our threshold: SGD from a fresh probe never gets there)."""
+    A diverged probe stops the evaluation (UserError, no result reported): an epoch's mean loss, or the trained
+    probe's loss on the last batch, that is not finite or above 10 times the loss of the first step (our threshold:
+    SGD from a fresh probe never gets there). The last check sees the last update, which no epoch's loss does (with
+    one step, no update at all)."""
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     total, step, first = args.epochs * len(loader), 0, None
+
+    def check(value, where):
+        if not math.isfinite(first):  # before any update: the features themselves
+            raise common.UserError(f"the linear probe's loss is {first:.4g} at its first step, before any update: the "
+                                   f"encoder's features are not finite; no result was written")
+        if not math.isfinite(value) or value > 10 * first:
+            raise common.UserError(f"the linear probe diverged (loss {value:.4g} {where}, {first:.4g} at its first "
+                                   f"step): lower --lr ({args.lr}); no result was written")
+
     for epoch in tqdm(range(args.epochs), desc="linear probe", dynamic_ncols=True, mininterval=1.0):
         epoch_loss = 0.0
         for x, y in loader:
@@ -95,13 +106,11 @@ def train_probe(probe, loader, encode, lr, args, device):
             loss.backward()
             opt.step()
             step += 1
-            first = loss.detach() if first is None else first
+            first = loss.item() if first is None else first
             epoch_loss = epoch_loss + loss.detach()
-        mean = (epoch_loss / len(loader)).item()
-        if not math.isfinite(mean) or mean > 10 * first.item():
-            raise common.UserError(f"the linear probe diverged (mean loss {mean:.4g} in epoch {epoch + 1}, "
-                                   f"{first.item():.4g} at its first step): lower --lr ({args.lr}); no result "
-                                   f"was written")
+        check((epoch_loss / len(loader)).item(), f"on average in epoch {epoch + 1}")
+    with torch.no_grad():
+        check(F.cross_entropy(probe(encode(x)), y.to(device)).item(), "on the last batch after training")
     return loss.item()
 
 

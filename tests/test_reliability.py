@@ -83,3 +83,29 @@ def test_a_full_run_on_the_cpu_says_what_it_will_do_and_how_to_smoke_test(cifar_
 def test_a_smoke_run_on_the_cpu_is_not_warned_about(cifar_dir, tmp_path, no_md5, capsys, monkeypatch):
     start(monkeypatch, tiny_argv(cifar_dir, tmp_path / "run", "--device", "cpu", "--subset", "40"))
     assert capsys.readouterr().err == ""
+
+
+# --- 18.4: the linear probe's last update is checked too ---------------------------------------------------------
+PROBE = ["--random-init", "--dataset", "cifar10", "--precompute", "--epochs", "1", "--subset", "20",
+         "--workers", "0", "--knn-k", "5"]
+
+
+def test_a_probe_diverging_in_its_only_step_writes_no_result(cifar_dir, tmp_path, capsys, no_md5, monkeypatch):
+    # one step per epoch: its epoch's mean loss is its first loss, before the update; the trained probe's is not.
+    # The features are the first 512 pixel values (a ResNet's forward passes would only add time).
+    monkeypatch.setattr(common, "encode", lambda encoder, x, device: x.flatten(1)[:, :512].float())
+    argv = [*PROBE, "--data-dir", cifar_dir, "--batch-size", "20", "--out", tmp_path / "r.json"]
+    lines = check_refused(run_main("linear_eval", [*argv, "--lr", "1e30"], capsys),
+                          "the linear probe diverged (loss ")
+    assert "on the last batch after training, " in lines[-1]
+    assert lines[-1].endswith("at its first step): lower --lr (1e+30); no result was written")
+    assert list(tmp_path.iterdir()) == []
+    assert run_main("linear_eval", argv, capsys)[0] == 0 and (tmp_path / "r.json").exists()  # a sane LR: written
+
+
+def test_a_probe_on_non_finite_features_says_so(cifar_dir, tmp_path, capsys, no_md5, monkeypatch):
+    monkeypatch.setattr(common, "encode", lambda encoder, x, device: torch.full((len(x), 512), float("nan")))
+    check_refused(run_main("linear_eval", [*PROBE, "--data-dir", cifar_dir, "--out", tmp_path / "r.json"], capsys),
+                  "the linear probe's loss is nan at its first step, before any update: the encoder's features are "
+                  "not finite; no result was written")
+    assert list(tmp_path.iterdir()) == []

@@ -109,3 +109,78 @@ def test_a_probe_on_non_finite_features_says_so(cifar_dir, tmp_path, capsys, no_
                   "the linear probe's loss is nan at its first step, before any update: the encoder's features are "
                   "not finite; no result was written")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- 18.8: out of memory while building the model; non-finite inputs of every loss --------------------------------
+@pytest.mark.parametrize("script,flags", [("byol", ["--hidden-dim", 10**12]), ("sfrik", ["--expander", "1000000000000-8"])])
+def test_out_of_memory_while_building_the_model_is_one_line(script, flags, tmp_path, capsys):
+    # a real allocation of 2 PB, more than any address space: the CPU allocator refuses it at once
+    check_refused(run_main(script, [*flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run"], capsys),
+                  "out of memory building the model or moving it and the images to the device: lower the heads' "
+                  "widths (--hidden-dim, --proj-dim, --expander) or --arch")
+    assert not (tmp_path / "run").exists()
+
+
+def test_singular_value_loss_is_nan_on_non_finite_input_and_unchanged_otherwise():
+    torch.manual_seed(0)
+    z = torch.randn(4, 6, 8)
+    values = []
+    for loss in (lambda x: -torch.linalg.svdvals(torch.nn.functional.normalize(x, dim=-1)).mean(),  # before
+                 msbreg.singular_value_loss):
+        x = z.clone().requires_grad_()
+        value = loss(x)
+        value.backward()
+        values.append((value, x.grad))
+    assert torch.equal(values[0][0], values[1][0]) and torch.equal(values[0][1], values[1][1])  # bit-identical
+    z[2, 3, 1] = float("inf")
+    assert msbreg.singular_value_loss(z).isnan()  # the SVD would raise
+
+
+def poisoned(model):
+    """A diverged network: the last layer of the projector (SFRIK's expander) NaN, so every embedding is. The encoder
+    stays finite and frozen: NaN arithmetic in the convolutions (forward and backward) is slow on the CPU."""
+    with torch.no_grad():
+        model.projector[-1].weight.fill_(float("nan"))
+    model.encoder.requires_grad_(False)
+    return model
+
+
+def methods():
+    """(name, model, loss_fn(model, x1, x2)) as each method's train() calls loop.pretrain."""
+    uni, mhe = byol_uniformity.parse_args([]), byol_mhe.parse_args([])
+    legendre = byol_uniformity.parse_args(["--uniformity", "legendre"])
+    tiny = lambda: byol.BYOL(TinyEncoder(16), 16, 32, 8)  # noqa: E731
+    return [("byol", tiny(), byol.loss_terms),
+            ("byol_uniformity", tiny(), lambda m, a, b: byol.loss_terms(m, a, b, byol_uniformity.uniformity_term(uni))),
+            ("byol_uniformity legendre", tiny(),
+             lambda m, a, b: byol.loss_terms(m, a, b, byol_uniformity.uniformity_term(legendre))),
+            ("byol_mhe", tiny(), lambda m, a, b: byol.loss_terms(m, a, b, byol_mhe.mhe_term(mhe))),
+            ("simclr", simclr.SimCLR(TinyEncoder(16), 16, 8), lambda m, a, b: (simclr.nt_xent(*m(a, b), 0.5), {})),
+            ("sfrik", sfrik.SFRIK(TinyEncoder(16), 16, (32, 8)),
+             sfrik.loss_terms(sfrik.parse_args(["--expander", "32-8"]))),
+            ("msbreg", msbreg.MSBReg(TinyEncoder(16), 16, 32, 8),
+             lambda m, a, b: msbreg.loss_terms(m, (a, b, b, a), 1.0, 1.0))]
+
+
+def test_every_loss_is_nan_on_a_diverged_network_for_the_runs_check_to_report():
+    # no method raises on non-finite weights (msbreg's SVD did): the loss is NaN, which run.check_finite reports
+    x1, x2 = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    for name, model, loss_fn in methods():
+        loss, _ = loss_fn(poisoned(model), x1, x2)
+        loss.backward()
+        common.LARS(model.parameters(), lr=0.1).step()
+        assert loss.isnan(), name
+
+
+def test_a_diverging_msbreg_run_is_one_line_without_saving(cifar_dir, tmp_path, no_md5, capsys):
+    args = msbreg.parse_args(tiny_argv(cifar_dir, tmp_path / "run", "--epochs", "1", "--log-every", "1",
+                                       "--base-lr", "1e30"))
+    torch.manual_seed(0)
+    model = msbreg.MSBReg(TinyEncoder(16), 16, 32, 8)
+    with pytest.raises(SystemExit) as exit_:
+        common.cli(lambda: msbreg.train(args, model))
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.strip().endswith(f"error: non-finite loss (nan) at step 3; stopped without saving: no checkpoint was "
+                                f"written yet ({tmp_path / 'run'} holds no last.pt)")   # step 1's LR is 0 (warm-up)
+    assert not (tmp_path / "run" / "last.pt").exists()

@@ -284,4 +284,8 @@ def legendre_weights(text):
     if any(not w >= 0 or math.isinf(w) for w in weights):
         raise argparse.ArgumentTypeError(f"{text!r}: every b_l must be a finite number >= 0 (a kernel with a "
                                          f"negative weight is not positive definite)")
+    if not any(weights):
+        raise argparse.ArgumentTypeError(f"{text!r}: every b_l is 0, so the kernel and the MMD are 0 and the "
+                                         f"regulariser does nothing; to turn it off, give its weight as 0 "
+                                         f"(--unif-weight 0, --mmd-weight 0)")
     return weights

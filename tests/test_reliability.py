@@ -184,3 +184,21 @@ def test_a_diverging_msbreg_run_is_one_line_without_saving(cifar_dir, tmp_path, 
     assert err.strip().endswith(f"error: non-finite loss (nan) at step 3; stopped without saving: no checkpoint was "
                                 f"written yet ({tmp_path / 'run'} holds no last.pt)")   # step 1's LR is 0 (warm-up)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# --- 18.10: a regulariser that would do nothing, a flag that would be ignored -------------------------------------
+@pytest.mark.parametrize("script,flags", [("sfrik", ["--legendre-weights", "0,0,0"]),
+                                          ("byol_uniformity", ["--uniformity", "legendre", "--legendre-weights", "0"])])
+def test_all_zero_legendre_weights_are_refused(script, flags, tmp_path, capsys):
+    check_refused(run_main(script, [*flags, "--data-dir", tmp_path, "--out-dir", tmp_path / "run"], capsys),
+                  "every b_l is 0, so the kernel and the MMD are 0 and the regulariser does nothing")
+    assert not (tmp_path / "run").exists()
+    assert sfrik.parse_args(["--legendre-weights", "0,0,1"]).legendre_weights == (0.0, 0.0, 1.0)  # one is enough
+
+
+def test_unif_t_with_the_legendre_kernel_is_refused(tmp_path, capsys):
+    check_refused(run_main("byol_uniformity", ["--uniformity", "legendre", "--unif-t", "3", "--data-dir", tmp_path,
+                                               "--out-dir", tmp_path / "run"], capsys),
+                  "--unif-t is the t of Eq. 2's Gaussian potential: --uniformity legendre has none")
+    assert byol_uniformity.parse_args(["--unif-t", "3"]).unif_t == 3.0                 # Eq. 2's t
+    assert byol_uniformity.parse_args(["--uniformity", "legendre"]).unif_t == 2.0      # the default, unused

@@ -125,6 +125,9 @@ def load_data(dataset, data_dir, eval_split, subset=None):
         raise
     except Exception as e:  # no network, corrupt files, ...: one line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "stl10": tv.STL10}.get(dataset)
+        if cls is not None:  # what to fetch by hand: torchvision's own archive, and the folder it unpacks to
+            msg += f"; without a network, download {cls.url} and unpack it so that {root / cls.base_folder}/ exists"
         raise UserError(f"cannot load {dataset} from {root}: {msg}") from e
     num_classes = info.num_classes or len(train.classes)
     if eval_split == "test":

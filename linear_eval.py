@@ -1,8 +1,10 @@
 """Linear evaluation (Section 4, Appendix D) and weighted k-NN of a frozen encoder from any method's checkpoint.
 
-    python linear_eval.py --checkpoint runs/<run>/last.pt                  # 80 epochs, augmented, as the paper
-    python linear_eval.py --checkpoint runs/<run>/last.pt --precompute     # fast: probe on fixed features
+    python linear_eval.py --checkpoint runs/RUN/last.pt                    # 80 epochs, augmented, as the paper
+    python linear_eval.py --checkpoint runs/RUN/last.pt --precompute       # fast: probe on fixed features
     python linear_eval.py --random-init --dataset cifar10 --arch resnet18  # baseline: untrained encoder
+
+RUN is the name of the run folder (runs/<method>-<dataset>-<time>, or the --out-dir given to the training script).
 
 Prints and writes top-1, top-5 (Appendix B.4) and k-NN top-1 to <checkpoint folder>/linear_eval_<split>.json; an
 earlier result is never replaced: the next is linear_eval_<split>-2.json, -3, ... (and the script says so).

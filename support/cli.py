@@ -46,6 +46,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def as_written(value):
+    """A value as it is written on the command line: a tuple as 1,40,40 (not (1.0, 40.0, 40.0))."""
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown as they are written on the command line: none for a switch (--no-batchnorm's default is to
     keep BatchNorm) or a default filled from a preset, and a tuple as 1,40,40."""
@@ -54,7 +61,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
             return action.help
         if isinstance(action.default, tuple):
-            return f"{action.help} (default: {','.join(map(str, action.default))})"
+            return f"{action.help} (default: {as_written(action.default)})"
         return super()._get_help_string(action)
 
 
@@ -183,7 +190,7 @@ def apply_presets(args, presets):
 
 def preset_epilog(presets, source):
     """The preset table for --help."""
-    rows = [f"  {d:<9} {e:>5} epochs: " + ", ".join(f"{k}={v}" for k, v in row.items())
+    rows = [f"  {d:<9} {e:>5} epochs: " + ", ".join(f"{k}={as_written(v)}" for k, v in row.items())
             for d, table in presets.items() for e, row in table.items()]
     return f"presets ({source}; the row nearest to --epochs is used):\n" + "\n".join(rows)
 

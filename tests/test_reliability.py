@@ -202,3 +202,39 @@ def test_unif_t_with_the_legendre_kernel_is_refused(tmp_path, capsys):
                   "--unif-t is the t of Eq. 2's Gaussian potential: --uniformity legendre has none")
     assert byol_uniformity.parse_args(["--unif-t", "3"]).unif_t == 3.0                 # Eq. 2's t
     assert byol_uniformity.parse_args(["--uniformity", "legendre"]).unif_t == 2.0      # the default, unused
+
+
+# --- 18.14: --help as the command line reads it; commands that paste into a shell; what to download ---------------
+SCRIPTS = [byol, byol_uniformity, byol_mhe, simclr, sfrik, msbreg, linear_eval]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_help_shows_what_each_flag_takes(script):
+    text = script.build_parser().format_help()
+    assert "(default: True)" not in text and "(default: False)" not in text   # a switch has no default to show
+    assert "(default: (" not in text and "=(" not in text                     # nor a tuple, in the flags or presets
+    if script is sfrik:
+        assert "--expander W1-W2-..." in text and "expander=8192,8192,8192" in text
+        assert "--legendre-weights B1,B2,..." in text and "(default: 1,40,40)" in text
+        assert sfrik.parse_args(["--expander", "8192,8192,8192"]).expander == (8192,) * 3   # as the presets read
+
+
+def test_linear_eval_examples_paste_into_a_shell():
+    commands = [line.strip() for line in linear_eval.__doc__.splitlines() if line.strip().startswith("python ")]
+    assert len(commands) == 3
+    for command in commands:
+        assert not set("<>|;&") & set(command.split("#")[0]), command   # no redirection in a placeholder
+
+
+@pytest.mark.parametrize("dataset,folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                            ("stl10", "stl10_binary")])
+def test_a_failed_download_says_what_to_fetch_and_where_to_put_it(dataset, folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")   # no network: the download fails at once
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    url = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "stl10": torchvision.datasets.STL10}[dataset].url
+    with pytest.raises(common.UserError) as e:
+        common.load_data(dataset, tmp_path / "data", "test")
+    assert str(e.value).startswith(f"cannot load {dataset} from {tmp_path / 'data'}: ")
+    assert str(e.value).endswith(f"; without a network, download {url} and unpack it so that "
+                                 f"{tmp_path / 'data' / folder}/ exists")

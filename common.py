@@ -311,16 +311,19 @@ def resolve_stem(stem, dataset):
     return "cifar" if dataset in ("cifar10", "cifar100") else "imagenet"
 
 
-def build_encoder(arch, stem, batchnorm=True):
+def build_encoder(arch, stem, batchnorm=True, zero_init_residual=True):
     """torchvision ResNet with `fc` removed, so it outputs the pooled feature (512 or 2048 wide).
 
     stem='cifar' (Appendix B.1): conv1 becomes 3x3 with stride 1 and the max-pool is removed.
-    batchnorm=False replaces every BatchNorm by the identity (Table 4). Each block's last BatchNorm scale starts
-    at zero (zero_init_residual), as in BYOL's (Haiku) and SimCLR's ResNets, whose procedure Section 3.6 follows."""
+    batchnorm=False replaces every BatchNorm by the identity (Table 4). With zero_init_residual each block's last
+    BatchNorm scale starts at zero, as in official BYOL's (Haiku) and SimCLR's ResNets, whose procedure Section 3.6
+    follows. The first author's code, from which the paper's numbers come, leaves it at one (its zero_init_residual
+    argument is commented out: torchvision's False); zero_init_residual=False (--no-zero-init-residual) builds that."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     norm_layer = None if batchnorm else (lambda channels: nn.Identity())
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer, zero_init_residual=batchnorm)
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer,
+                                            zero_init_residual=batchnorm and zero_init_residual)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -331,7 +334,9 @@ def build_encoder(arch, stem, batchnorm=True):
 def encoder_for(args):
     """The encoder a run's settings (a Namespace or its vars() dict) describe: (module, feature size)."""
     args = vars(args) if isinstance(args, argparse.Namespace) else args
-    return build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True))
+    # A run from before a flag was added lacks its key: it was trained with what is now the flag's default.
+    return build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True),
+                         args.get("zero_init_residual", True))
 
 
 def mlp(in_dim, hidden_dim=4096, out_dim=256, batchnorm=True):

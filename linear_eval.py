@@ -37,6 +37,9 @@ def build_parser():
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder")
     p.add_argument("--arch", choices=tuple(common.ARCHS), default="resnet18", help="with --random-init only")
     p.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto", help="with --random-init only")
+    p.add_argument("--no-zero-init-residual", dest="zero_init_residual", action="store_false",
+                   help="with --random-init only: each residual block's last BatchNorm scale at one (the first "
+                        "author's network) instead of zero (official BYOL's, our training default)")
     g = p.add_argument_group("linear probe (Appendix D)")
     g.add_argument("--epochs", type=cli.positive_int, default=80, help="ft_epochs, Appendix D")
     g.add_argument("--batch-size", type=cli.positive_int, default=100, help="ft_batch_size, Appendix D")
@@ -60,6 +63,7 @@ def frozen_encoder(args):
             raise common.UserError("--random-init needs --dataset")
         torch.manual_seed(args.seed)
         trained = {"dataset": args.dataset, "data_dir": "./data", "arch": args.arch, "stem": args.stem,
+                   "zero_init_residual": args.zero_init_residual,
                    "image_size": common.DATASETS[args.dataset].image_size, "method": "random-init"}
         encoder, dim = common.encoder_for(trained)
     else:
@@ -142,10 +146,11 @@ def unused_path(path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)  # every number checked against its kind
-    ignored = sorted(cli.given_flags(parser, argv) & {"arch", "stem"})
+    ignored = sorted(cli.given_flags(parser, argv) & {"arch", "stem", "zero_init_residual"})
     if args.checkpoint and ignored:  # the checkpoint says which encoder it holds
-        raise common.UserError(f"{', '.join('--' + k for k in ignored)} cannot be given with --checkpoint (only with "
-                               f"--random-init): the checkpoint's own encoder is evaluated")
+        options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+        raise common.UserError(f"{', '.join(options[k] for k in ignored)} cannot be given with --checkpoint (only "
+                               f"with --random-init): the checkpoint's own encoder is evaluated")
     device = common.resolve_device(args.device)
     encoder, dim, trained = frozen_encoder(args)
     dataset = args.dataset or trained["dataset"]
@@ -209,6 +214,7 @@ def main(argv=None):
 
     result = {"checkpoint": args.checkpoint, "checkpoint_epoch": trained.get("checkpoint_epoch"),
               "method": trained.get("method"), "dataset": dataset,
+              "zero_init_residual": trained.get("zero_init_residual", True),
               "eval_split": args.eval_split, "top1": common.accuracy(logits, labels, 1),
               "top5": common.accuracy(logits, labels, 5),
               "knn_top1": knn_top1, "knn_k": args.knn_k, "knn_t": args.knn_t, "epochs": args.epochs,

@@ -118,6 +118,10 @@ def base_parser():
                         "says; torchvision's stem for stl10, imagenet and folder")
     g.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
                    help="remove every BatchNorm from the encoder and the MLP heads (Table 4, 'BN x')")
+    g.add_argument("--no-zero-init-residual", dest="zero_init_residual", action="store_false",
+                   help="start each residual block's last BatchNorm scale at one, as the first author's code does; "
+                        "by default it starts at zero, as in official BYOL's and SimCLR's ResNets (Section 3.6 "
+                        "follows BYOL)")
 
     g = p.add_argument_group("optimisation (Appendix B.2)")
     g.add_argument("--epochs", type=positive_int, default=None,

@@ -238,3 +238,62 @@ def test_a_failed_download_says_what_to_fetch_and_where_to_put_it(dataset, folde
     assert str(e.value).startswith(f"cannot load {dataset} from {tmp_path / 'data'}: ")
     assert str(e.value).endswith(f"; without a network, download {url} and unpack it so that "
                                  f"{tmp_path / 'data' / folder}/ exists")
+
+
+# --- 19.4: --no-zero-init-residual, the first author's network ----------------------------------------------------
+def last_batchnorms(encoder):
+    """The last BatchNorm of each residual block (bn2 of a BasicBlock, bn3 of a Bottleneck)."""
+    return [getattr(block, "bn3", None) or block.bn2 for block in common.residual_blocks(encoder).values()]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_residual_batchnorm_starts_at_zero_unless_the_flag_says_one(arch):
+    default = byol.parse_args(["--arch", arch])
+    author = byol.parse_args(["--arch", arch, "--no-zero-init-residual"])
+    assert default.zero_init_residual is True and author.zero_init_residual is False   # args.json holds it
+    states = []
+    for args, scale in ((default, 0.0), (author, 1.0)):
+        torch.manual_seed(0)
+        encoder, _ = common.encoder_for(args)
+        blocks = last_batchnorms(encoder)
+        assert len(blocks) == {"resnet18": 8, "resnet50": 16}[arch]
+        assert all(torch.equal(bn.weight, torch.full_like(bn.weight, scale)) for bn in blocks)
+        zeroed = {name for name, m in encoder.named_modules() if m in blocks}
+        states.append({k: v for k, v in encoder.state_dict().items() if k.rsplit(".", 1)[0] not in zeroed})
+    # the flag changes those scales only and draws no random number: every other tensor is the default's
+    assert states[0].keys() == states[1].keys() and all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_checkpoint_from_before_the_flag_rebuilds_the_same_encoder(tmp_path):
+    args = vars(byol.parse_args(["--arch", "resnet18"]))
+    del args["zero_init_residual"]  # an args.json / checkpoint written before the flag
+    torch.manual_seed(0)
+    encoder, dim = common.encoder_for(args)
+    assert all(bn.weight.eq(0).all() for bn in last_batchnorms(encoder))   # what it was trained from
+    ckpt = {"args": args, "model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}}
+    loaded, _ = common.encoder_from_checkpoint(ckpt)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), encoder.state_dict().values()))
+
+
+def test_linear_eval_random_init_takes_the_flag_and_a_checkpoint_refuses_it(tmp_path, capsys):
+    parser = linear_eval.build_parser()
+    for flags, scale in (([], 0.0), (["--no-zero-init-residual"], 1.0)):
+        args = parser.parse_args(["--random-init", "--dataset", "cifar10", *flags])
+        encoder, _, trained = linear_eval.frozen_encoder(args)
+        assert trained["zero_init_residual"] is (scale == 0.0)
+        assert all(bn.weight.eq(scale).all() for bn in last_batchnorms(encoder))
+    check_refused(run_main("linear_eval", ["--checkpoint", tmp_path, "--no-zero-init-residual"], capsys),
+                  "--no-zero-init-residual cannot be given with --checkpoint (only with --random-init)")
+
+
+def test_results_keep_the_authors_network_out_of_the_papers_row(tmp_path, capsys):
+    write_run(tmp_path, "byol-0", "byol", [], 0, evals=[{"top1": 89.0}])
+    old = write_run(tmp_path, "byol-old", "byol", [], 1, evals=[{"top1": 91.0}])
+    saved = json.loads((old / "args.json").read_text())
+    del saved["zero_init_residual"]  # a run from before the flag: trained with the default
+    (old / "args.json").write_text(json.dumps(saved))
+    write_run(tmp_path, "byol-author", "byol", ["--no-zero-init-residual"], 2, evals=[{"top1": 10.0}])
+    assert results.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 90.00 ± 1.41 |" in table_line(section(out, "## Table 5"), "no MHE (BYOL)")   # seeds 0 and 1 only
+    assert "--no-zero-init-residual" in section(out, "## Other runs")

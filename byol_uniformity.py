@@ -61,13 +61,17 @@ def uniformity_term(args):
 def parse_args(argv=None):
     """byol.parse_args with this file's flags; SFRIK's weights filled for --uniformity legendre (what a run's
     args.json holds)."""
-    args = byol.parse_args(argv, build_parser(), method="byol_uniformity")
+    parser = build_parser()
+    args = byol.parse_args(argv, parser, method="byol_uniformity")
     if not hasattr(args, "uniformity"):  # a run resumed from before --uniformity existed
         args.uniformity, args.legendre_weights = "gaussian", None
     if args.uniformity == "legendre" and args.legendre_weights is None:
         args.legendre_weights = common.LEGENDRE_WEIGHTS
     elif args.uniformity == "gaussian" and args.legendre_weights is not None:
         raise common.UserError("--legendre-weights needs --uniformity legendre")
+    if args.uniformity == "legendre" and "unif_t" in cli.given_flags(parser, argv):
+        raise common.UserError("--unif-t is the t of Eq. 2's Gaussian potential: --uniformity legendre has none "
+                               "(its kernel is set by --legendre-weights)")
     return args
 
 

@@ -18,6 +18,7 @@ Sections, in the order the paper introduces them:
 import argparse
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +115,8 @@ def load_data(dataset, data_dir, eval_split, subset=None):
                     raise UserError(f"{dataset} expects image folders {root / 'train'} and {root / 'val'}; "
                                     f"{root / sub} does not exist")
             train, test = (tv.ImageFolder(root / sub, loader=read_image) for sub in ("train", "val"))
+            for split in (train, test):
+                check_each_folder_once(split)
             if train.classes != test.classes:  # ImageFolder numbers the classes of each folder on its own
                 raise UserError(f"{root / 'val'} and {root / 'train'} hold different classes, so their labels "
                                 f"would not match: {class_difference(train.classes, test.classes)}")
@@ -122,6 +125,9 @@ def load_data(dataset, data_dir, eval_split, subset=None):
         raise
     except Exception as e:  # no network, corrupt files, ...: one line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        cls = {"cifar10": tv.CIFAR10, "cifar100": tv.CIFAR100, "stl10": tv.STL10}.get(dataset)
+        if cls is not None:  # what to fetch by hand: torchvision's own archive, and the folder it unpacks to
+            msg += f"; without a network, download {cls.url} and unpack it so that {root / cls.base_folder}/ exists"
         raise UserError(f"cannot load {dataset} from {root}: {msg}") from e
     num_classes = info.num_classes or len(train.classes)
     if eval_split == "test":
@@ -134,6 +140,18 @@ def load_data(dataset, data_dir, eval_split, subset=None):
         first = lambda ds: Subset(ds, range(min(subset, len(ds))))  # noqa: E731
         data = Data(first(data.pretrain), first(data.bank), first(data.eval), num_classes)
     return data
+
+
+def check_each_folder_once(images):
+    """ImageFolder follows symbolic links, so a link to a folder above it (a loop: train/c0/loop -> . turns 16 images
+    into 336) or to another folder of the set would count the same images twice or more. Refuse two folders of
+    images that are one folder on disk (one realpath per folder, not per image)."""
+    seen = {}
+    for folder in dict.fromkeys(os.path.dirname(path) for path, _ in images.samples):
+        first = seen.setdefault(os.path.realpath(folder), folder)
+        if first != folder:
+            raise UserError(f"{folder} is {first} again (through a symbolic link), so its images would be counted "
+                            f"twice: remove the link")
 
 
 def class_difference(train, val):
@@ -293,16 +311,19 @@ def resolve_stem(stem, dataset):
     return "cifar" if dataset in ("cifar10", "cifar100") else "imagenet"
 
 
-def build_encoder(arch, stem, batchnorm=True):
+def build_encoder(arch, stem, batchnorm=True, zero_init_residual=True):
     """torchvision ResNet with `fc` removed, so it outputs the pooled feature (512 or 2048 wide).
 
     stem='cifar' (Appendix B.1): conv1 becomes 3x3 with stride 1 and the max-pool is removed.
-    batchnorm=False replaces every BatchNorm by the identity (Table 4). Each block's last BatchNorm scale starts
-    at zero (zero_init_residual), as in BYOL's (Haiku) and SimCLR's ResNets, whose procedure Section 3.6 follows."""
+    batchnorm=False replaces every BatchNorm by the identity (Table 4). With zero_init_residual each block's last
+    BatchNorm scale starts at zero, as in official BYOL's (Haiku) and SimCLR's ResNets, whose procedure Section 3.6
+    follows. The first author's code, from which the paper's numbers come, leaves it at one (its zero_init_residual
+    argument is commented out: torchvision's False); zero_init_residual=False (--no-zero-init-residual) builds that."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; choose from {', '.join(ARCHS)}")
     norm_layer = None if batchnorm else (lambda channels: nn.Identity())
-    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer, zero_init_residual=batchnorm)
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer,
+                                            zero_init_residual=batchnorm and zero_init_residual)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -313,7 +334,9 @@ def build_encoder(arch, stem, batchnorm=True):
 def encoder_for(args):
     """The encoder a run's settings (a Namespace or its vars() dict) describe: (module, feature size)."""
     args = vars(args) if isinstance(args, argparse.Namespace) else args
-    return build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True))
+    # A run from before a flag was added lacks its key: it was trained with what is now the flag's default.
+    return build_encoder(args["arch"], resolve_stem(args["stem"], args["dataset"]), args.get("batchnorm", True),
+                         args.get("zero_init_residual", True))
 
 
 def mlp(in_dim, hidden_dim=4096, out_dim=256, batchnorm=True):

@@ -1,8 +1,10 @@
 """Linear evaluation (Section 4, Appendix D) and weighted k-NN of a frozen encoder from any method's checkpoint.
 
-    python linear_eval.py --checkpoint runs/<run>/last.pt                  # 80 epochs, augmented, as the paper
-    python linear_eval.py --checkpoint runs/<run>/last.pt --precompute     # fast: probe on fixed features
+    python linear_eval.py --checkpoint runs/RUN/last.pt                    # 80 epochs, augmented, as the paper
+    python linear_eval.py --checkpoint runs/RUN/last.pt --precompute       # fast: probe on fixed features
     python linear_eval.py --random-init --dataset cifar10 --arch resnet18  # baseline: untrained encoder
+
+RUN is the name of the run folder (runs/<method>-<dataset>-<time>, or the --out-dir given to the training script).
 
 Prints and writes top-1, top-5 (Appendix B.4) and k-NN top-1 to <checkpoint folder>/linear_eval_<split>.json; an
 earlier result is never replaced: the next is linear_eval_<split>-2.json, -3, ... (and the script says so).
@@ -35,6 +37,9 @@ def build_parser():
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised encoder")
     p.add_argument("--arch", choices=tuple(common.ARCHS), default="resnet18", help="with --random-init only")
     p.add_argument("--stem", choices=("auto", "cifar", "imagenet"), default="auto", help="with --random-init only")
+    p.add_argument("--no-zero-init-residual", dest="zero_init_residual", action="store_false",
+                   help="with --random-init only: each residual block's last BatchNorm scale at one (the first "
+                        "author's network) instead of zero (official BYOL's, our training default)")
     g = p.add_argument_group("linear probe (Appendix D)")
     g.add_argument("--epochs", type=cli.positive_int, default=80, help="ft_epochs, Appendix D")
     g.add_argument("--batch-size", type=cli.positive_int, default=100, help="ft_batch_size, Appendix D")
@@ -58,6 +63,7 @@ def frozen_encoder(args):
             raise common.UserError("--random-init needs --dataset")
         torch.manual_seed(args.seed)
         trained = {"dataset": args.dataset, "data_dir": "./data", "arch": args.arch, "stem": args.stem,
+                   "zero_init_residual": args.zero_init_residual,
                    "image_size": common.DATASETS[args.dataset].image_size, "method": "random-init"}
         encoder, dim = common.encoder_for(trained)
     else:
@@ -81,10 +87,21 @@ def sanity_check(module, before):
 def train_probe(probe, loader, encode, lr, args, device):
     """SGD with momentum and a per-step cosine LR from lr to 0 (Appendix D), cross-entropy on encode(x).
 
-    A diverged probe stops the evaluation (UserError, no result reported): an epoch's mean loss that is not finite
-    or above 10 times the loss of the first step (our threshold: SGD from a fresh probe never gets there)."""
+    A diverged probe stops the evaluation (UserError, no result reported): an epoch's mean loss, or the trained
+    probe's loss on the last batch, that is not finite or above 10 times the loss of the first step (our threshold:
+    SGD from a fresh probe never gets there). The last check sees the last update, which no epoch's loss does (with
+    one step, no update at all)."""
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     total, step, first = args.epochs * len(loader), 0, None
+
+    def check(value, where):
+        if not math.isfinite(first):  # before any update: the features themselves
+            raise common.UserError(f"the linear probe's loss is {first:.4g} at its first step, before any update: the "
+                                   f"encoder's features are not finite; no result was written")
+        if not math.isfinite(value) or value > 10 * first:
+            raise common.UserError(f"the linear probe diverged (loss {value:.4g} {where}, {first:.4g} at its first "
+                                   f"step): lower --lr ({args.lr}); no result was written")
+
     for epoch in tqdm(range(args.epochs), desc="linear probe", dynamic_ncols=True, mininterval=1.0):
         epoch_loss = 0.0
         for x, y in loader:
@@ -95,13 +112,11 @@ def train_probe(probe, loader, encode, lr, args, device):
             loss.backward()
             opt.step()
             step += 1
-            first = loss.detach() if first is None else first
+            first = loss.item() if first is None else first
             epoch_loss = epoch_loss + loss.detach()
-        mean = (epoch_loss / len(loader)).item()
-        if not math.isfinite(mean) or mean > 10 * first.item():
-            raise common.UserError(f"the linear probe diverged (mean loss {mean:.4g} in epoch {epoch + 1}, "
-                                   f"{first.item():.4g} at its first step): lower --lr ({args.lr}); no result "
-                                   f"was written")
+        check((epoch_loss / len(loader)).item(), f"on average in epoch {epoch + 1}")
+    with torch.no_grad():
+        check(F.cross_entropy(probe(encode(x)), y.to(device)).item(), "on the last batch after training")
     return loss.item()
 
 
@@ -131,10 +146,11 @@ def unused_path(path):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)  # every number checked against its kind
-    ignored = sorted(cli.given_flags(parser, argv) & {"arch", "stem"})
+    ignored = sorted(cli.given_flags(parser, argv) & {"arch", "stem", "zero_init_residual"})
     if args.checkpoint and ignored:  # the checkpoint says which encoder it holds
-        raise common.UserError(f"{', '.join('--' + k for k in ignored)} cannot be given with --checkpoint (only with "
-                               f"--random-init): the checkpoint's own encoder is evaluated")
+        options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+        raise common.UserError(f"{', '.join(options[k] for k in ignored)} cannot be given with --checkpoint (only "
+                               f"with --random-init): the checkpoint's own encoder is evaluated")
     device = common.resolve_device(args.device)
     encoder, dim, trained = frozen_encoder(args)
     dataset = args.dataset or trained["dataset"]
@@ -198,6 +214,7 @@ def main(argv=None):
 
     result = {"checkpoint": args.checkpoint, "checkpoint_epoch": trained.get("checkpoint_epoch"),
               "method": trained.get("method"), "dataset": dataset,
+              "zero_init_residual": trained.get("zero_init_residual", True),
               "eval_split": args.eval_split, "top1": common.accuracy(logits, labels, 1),
               "top5": common.accuracy(logits, labels, 5),
               "knn_top1": knn_top1, "knn_k": args.knn_k, "knn_t": args.knn_t, "epochs": args.epochs,

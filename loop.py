@@ -5,6 +5,9 @@ A method file builds its model and its loss and calls pretrain(args, model, loss
 this file runs the algorithm. What keeps a run safe (the run folder, checkpoints, the stop on a signal, torchrun)
 is named here and lives in support/.
 """
+import os
+import shlex
+import sys
 import time
 
 import torch
@@ -113,9 +116,32 @@ def start_run(args):
     if len(data.pretrain) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images")
     if distributed.is_main():
+        print(f"# images: {len(data.pretrain)} to pre-train on, {len(data.bank)} labelled in the k-NN bank, "
+              f"{len(data.eval)} to evaluate on ({args.eval_split})")
+        warn_if_cpu(args, device, len(data.pretrain) // args.batch_size)
         with runs.writing(out):
             out.mkdir(parents=True, exist_ok=True)
     return device, data, runs.Run(args, out, device)
+
+
+SMOKE = ["--subset", "512", "--epochs", "2", "--batch-size", "128"]  # the README's smoke run: minutes on a CPU
+
+
+def warn_if_cpu(args, device, steps_per_epoch):
+    """A full run on the CPU is legitimate but takes weeks (BYOL's ResNet-18 at batch 1024 on CIFAR-10: 178 s per
+    step on two cores, about 30 days): say so on stderr, with the smoke run that checks the whole path instead (the
+    user's command with --subset; another run folder). Not for a run that is already a --subset smoke run."""
+    if device.type != "cpu" or args.subset:
+        return
+    argv = sys.argv[1:] if os.path.basename(sys.argv[0]) == f"{args.method}.py" else ["--dataset", args.dataset]
+    drop = {*SMOKE[::2], "--out-dir", "--accum-steps"}  # a flag, its --flag=value form, and the value after it
+    kept = [a for i, a in enumerate(argv) if a.split("=")[0] not in drop and (i == 0 or argv[i - 1] not in drop)]
+    smoke = "" if args.resume else f"; a smoke run checks the whole path first: python {args.method}.py " \
+                                   f"{shlex.join(kept + SMOKE)}"
+    print(f"warning: {'no GPU found: ' if args.device == 'auto' else ''}training on the CPU: {args.epochs} epochs x "
+          f"{steps_per_epoch} steps of {args.batch_size} images ({args.arch}); the progress bar shows the time per "
+          f"step (s/it) after the first step, and the run takes {args.epochs * steps_per_epoch} times that{smoke}",
+          file=sys.stderr)
 
 
 def prepare_model(model, args, device):

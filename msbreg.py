@@ -174,9 +174,12 @@ def singular_value_loss(z):
     view m, r = min(B, D), averaged over the views. Rows have unit norm, so sum_k sigma_k^2 = B: the loss is
     largest, -sqrt(B) / r, under collapse (one non-zero singular value) and smallest, -sqrt(B / r), when all r
     singular values are equal (the embeddings use every direction equally). z (M, B, D) or (B, D); float32 (no SVD
-    in bf16)."""
+    in bf16). A non-finite z (a diverged run) gives NaN, as every other loss does, for the run's check of the loss to
+    report: the SVD itself would raise on it."""
     with common.fp32(z):
-        return -torch.linalg.svdvals(F.normalize(z.float(), dim=-1)).mean()
+        z = F.normalize(z.float(), dim=-1)
+        finite = z.isfinite().all()  # a tensor on the device: no wait for the host
+        return torch.where(finite, -torch.linalg.svdvals(torch.where(finite, z, 0.0)).mean(), float("nan"))
 
 
 def brownian_loss(z, generator):

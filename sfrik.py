@@ -65,7 +65,7 @@ def expander_widths(text):
 def build_parser():
     p = cli.method_parser(__doc__, PRESETS, "SFRIK's official recipes; cifar and folder: ours")
     g = p.add_argument_group("SFRIK (Zheng et al., 2023)")
-    g.add_argument("--expander", type=expander_widths, default=None,
+    g.add_argument("--expander", type=expander_widths, default=None, metavar="W1-W2-...",
                    help="expander widths, Linear-BN-ReLU between them, the last Linear without bias (default: "
                         "preset, 8192-8192-8192; a small one, e.g. 64-64-32, for CPU smoke runs)")
     g.add_argument("--inv-weight", type=cli.finite_float, default=None, help="lambda_inv (default: preset, 4000 for q = 8192)")

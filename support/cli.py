@@ -46,6 +46,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+def as_written(value):
+    """A value as it is written on the command line: a tuple as 1,40,40 (not (1.0, 40.0, 40.0))."""
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown as they are written on the command line: none for a switch (--no-batchnorm's default is to
     keep BatchNorm) or a default filled from a preset, and a tuple as 1,40,40."""
@@ -54,7 +61,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:
             return action.help
         if isinstance(action.default, tuple):
-            return f"{action.help} (default: {','.join(map(str, action.default))})"
+            return f"{action.help} (default: {as_written(action.default)})"
         return super()._get_help_string(action)
 
 
@@ -111,6 +118,10 @@ def base_parser():
                         "says; torchvision's stem for stl10, imagenet and folder")
     g.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
                    help="remove every BatchNorm from the encoder and the MLP heads (Table 4, 'BN x')")
+    g.add_argument("--no-zero-init-residual", dest="zero_init_residual", action="store_false",
+                   help="start each residual block's last BatchNorm scale at one, as the first author's code does; "
+                        "by default it starts at zero, as in official BYOL's and SimCLR's ResNets (Section 3.6 "
+                        "follows BYOL)")
 
     g = p.add_argument_group("optimisation (Appendix B.2)")
     g.add_argument("--epochs", type=positive_int, default=None,
@@ -183,7 +194,7 @@ def apply_presets(args, presets):
 
 def preset_epilog(presets, source):
     """The preset table for --help."""
-    rows = [f"  {d:<9} {e:>5} epochs: " + ", ".join(f"{k}={v}" for k, v in row.items())
+    rows = [f"  {d:<9} {e:>5} epochs: " + ", ".join(f"{k}={as_written(v)}" for k, v in row.items())
             for d, table in presets.items() for e, row in table.items()]
     return f"presets ({source}; the row nearest to --epochs is used):\n" + "\n".join(rows)
 
@@ -284,4 +295,8 @@ def legendre_weights(text):
     if any(not w >= 0 or math.isinf(w) for w in weights):
         raise argparse.ArgumentTypeError(f"{text!r}: every b_l must be a finite number >= 0 (a kernel with a "
                                          f"negative weight is not positive definite)")
+    if not any(weights):
+        raise argparse.ArgumentTypeError(f"{text!r}: every b_l is 0, so the kernel and the MMD are 0 and the "
+                                         f"regulariser does nothing; to turn it off, give its weight as 0 "
+                                         f"(--unif-weight 0, --mmd-weight 0)")
     return weights

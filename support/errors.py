@@ -26,10 +26,18 @@ class UserError(Exception):
             self.exit_code = exit_code
 
 
+# Training steps and evaluations say what to lower themselves; outside them, what runs out of memory is building the
+# model (in a method's train(), before loop.pretrain) or moving it and the images to the device.
+BUILDING = ("building the model or moving it and the images to the device: lower the heads' widths (--hidden-dim, "
+            "--proj-dim, --expander) or --arch, or keep the images off the device (--augment per-image)")
+
+
 def cli(main):
-    """Run `main()` so that bad input prints one line and exits 2 instead of a traceback."""
+    """Run `main()` so that bad input, and running out of memory anywhere, print one line and exit 2 instead of a
+    traceback."""
     try:
-        sys.exit(main())
+        with out_of_memory(lambda: BUILDING):
+            sys.exit(main())
     except UserError as e:
         end_workers()
         print(f"error: {e}", file=sys.stderr)

@@ -281,7 +281,7 @@ def test_more_bad_expanders(text):
 def test_more_bad_legendre_weights(text, match):
     with pytest.raises(argparse.ArgumentTypeError, match=match):
         cli.legendre_weights(text)
-    assert cli.legendre_weights("1,40,40") == (1.0, 40.0, 40.0) and cli.legendre_weights("0") == (0.0,)
+    assert cli.legendre_weights("1,40,40") == (1.0, 40.0, 40.0) and cli.legendre_weights("0,1") == (0.0, 1.0)
 
 
 def test_legendre_weights_need_the_legendre_kernel(tmp_path):

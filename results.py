@@ -681,7 +681,7 @@ def paper_tables(groups, report, records):
         missing = [row for row in rows if not matched[id(row)]]
         if missing:
             report.append("Rows with no finished runs yet: run each, then `python linear_eval.py --checkpoint "
-                          f"runs/<run>{info.get('eval_extra', '')}`:\n")
+                          f"runs/RUN{info.get('eval_extra', '')}`:\n")
             report += [f"- {row.label}: `{row.command(info['seeds'])}`" for row in missing] + [""]
         waiting = [r for row in rows for r in matched[id(row)] if not r.evals]
         if waiting:
@@ -740,7 +740,7 @@ def other_runs(groups, report, records):
 
 def unfinished(runs, report):
     if runs:
-        report.append("## Unfinished runs (in no table or figure; continue with `--resume <run>`)\n")
+        report.append("## Unfinished runs (in no table or figure; continue with `--resume runs/RUN`)\n")
         report += md_table(["run", "settings", "epochs done"],
                            [[str(r.path), f"`{group_label(r.key)}`", f"{r.last_epoch} / {r.args['epochs']}"]
                             for r in runs]) + [""]
@@ -898,7 +898,7 @@ def family_table(i, recipe, runs, report, records):
     train = recipe_flags(recipe)
     report.append(f"### Recipe {i}: {recipe_title(recipe)}\n")
     report.append(f"Train each row with `python <method>.py {train} <settings> --seed S`, then evaluate with "
-                  f"`python linear_eval.py --checkpoint runs/<run> <probe flags>`. Probes:\n")
+                  f"`python linear_eval.py --checkpoint runs/RUN <probe flags>`. Probes:\n")
     for probe in probes:
         differs = probe.differences("Table 5")
         report.append(f"- {letters[probe]}: {probe.describe(knn=False)}: `{probe_flags(probe)}`; "
@@ -908,7 +908,7 @@ def family_table(i, recipe, runs, report, records):
     for method, setting, probe, row_runs, stats in family_stats(rows):
         paper, text = paper_numbers(row_runs), flags(method, setting)
         commands = (f"python {method}.py {train}{' ' + text if text else ''} --seed S"
-                    + (f"; python linear_eval.py --checkpoint runs/<run> {probe_flags(probe)}" if probe else ""))
+                    + (f"; python linear_eval.py --checkpoint runs/RUN {probe_flags(probe)}" if probe else ""))
         cell = [NAMES.get(method, method), f"`{text}`" if text else "preset", letters.get(probe, "-")]
         for measure, _, digits in FAMILY_MEASURES:
             value, done = stats[measure]

@@ -132,7 +132,7 @@ def test_the_recipe_is_written_out_to_rerun(family):
     top1 = next(r for r in rows if r["row"] == "BYOL-MHE --pow 2" and r["measure"] == "top1")
     assert top1["paper"] == "91.34 (Tables C.6, C.7)" and top1["papers_protocol"] == "True"
     assert top1["commands"] == (f"python byol_mhe.py {train} --pow 2 --seed S; python linear_eval.py --checkpoint "
-                                f"runs/<run> --eval-split test --epochs 80 --batch-size 100 --lr 0.2")
+                                f"runs/RUN --eval-split test --epochs 80 --batch-size 100 --lr 0.2")
 
 
 def test_plane_and_curves_hold_one_point_per_finished_run(family, tmp_path, monkeypatch):

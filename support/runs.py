@@ -3,6 +3,7 @@ that survive a resume, the stop on a signal, and the one-line messages of a full
 torch.save (as nanoGPT's and DINO's checkpoints) because a pre-empted or failed run must never lose what it had."""
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from support import distributed
 from support.errors import UserError, out_of_memory
 
 CHECKPOINT_FORMAT = "hyperreg-1"
+CHECKSUM = "checksum"  # the key added to a checkpoint for its checksum (format unchanged: older readers ignore it)
 
 
 def checkpoint_path(path):
@@ -42,7 +44,52 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable hyperreg checkpoint ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a hyperreg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    verify(ckpt, path)
     return ckpt
+
+
+def checksum(ckpt):
+    """SHA-256 of everything a checkpoint holds but its checksum, walked in the order torch.save keeps: each
+    tensor's dtype, shape and bytes, every other value's type and repr (a float's repr is exact). torch.load does
+    not check the zip's CRCs, so without it a flipped byte would be resumed or evaluated silently."""
+    digest = hashlib.sha256()
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for v in value:
+                walk(v)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+    walk({k: v for k, v in ckpt.items() if k != CHECKSUM})
+    return digest.hexdigest()
+
+
+UNCHECKED = set()  # checkpoints without a checksum already reported by this process
+
+
+def verify(ckpt, path):
+    """A checkpoint whose checksum does not match its contents is refused; one written before checksums were
+    saved is read without the check, and said so once."""
+    if CHECKSUM not in ckpt:
+        if str(path) not in UNCHECKED and os.environ.get("RANK", "0") == "0":  # once, and once under torchrun
+            print(f"note: {path} was written before checkpoints carried a checksum: read without the integrity "
+                  f"check", file=sys.stderr)
+        UNCHECKED.add(str(path))
+    elif ckpt[CHECKSUM] != checksum(ckpt):
+        raise UserError(f"{path} is damaged: its contents do not match the checksum saved with it (a byte changed "
+                        f"since it was written); resume or evaluate an intact copy")
 
 
 def megabytes(n):
@@ -287,6 +334,7 @@ class Run:
                      "rng": rng_states(self.device), "args": vars(self.args), "argv": sys.argv}
             if partial_epoch:
                 state["partial_epoch"] = partial_epoch
+            state[CHECKSUM] = checksum(state)  # verified by load_checkpoint
             with self.saving():
                 save_atomic(state, self.out / "last.pt")
         self.saved = (epoch, step)

@@ -3,6 +3,7 @@ nothing in a run folder written or lost. Most cases run the scripts' main() in t
 same path as the command line without a new interpreter per case (2.4 s each); one case runs the script itself."""
 import json
 import os
+import zipfile
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import linear_eval
 import msbreg
 import sfrik
 import simclr
+from support import runs
 from conftest import TinyEncoder, run_script, write_folder
 
 SCRIPTS = {"byol": byol, "byol_mhe": byol_mhe, "byol_uniformity": byol_uniformity, "simclr": simclr,
@@ -250,3 +252,49 @@ def test_second_evaluation_keeps_the_first(cifar_dir, tmp_path, capsys, no_md5):
     assert json.loads((tmp_path / "r-2.json").read_text())["method"] == "random-init"
     (tmp_path / "r-3.json").write_text("taken")  # the next free name after r-2
     assert run_main("linear_eval", argv, capsys)[0] == 0 and (tmp_path / "r-4.json").exists()
+
+
+# --- checkpoints checked: a checksum (issue 18, item 3) ----------------------------------------------------------
+def flip_a_weight_byte(src, dst):
+    """Copy the checkpoint `src` to `dst` with one bit flipped in the middle of its largest tensor's bytes (a zip
+    entry stored uncompressed: the data follows the 30-byte local header, the name and the extra field)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    at = entry.header_offset
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")
+    data[start + entry.file_size // 2] ^= 0x10
+    dst.mkdir()
+    (dst / "last.pt").write_bytes(bytes(data))
+    return dst
+
+
+def tensors(obj):
+    """Every tensor in a nested dict/list, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in values for t in tensors(v)]
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(tiny_run, tmp_path, capsys, no_md5):
+    bad = flip_a_weight_byte(tiny_run / "last.pt", tmp_path / "bad")
+    read, good = (torch.load(p / "last.pt", weights_only=True) for p in (bad, tiny_run))  # without a word
+    assert sum(not torch.equal(a, b) for a, b in zip(tensors(read), tensors(good))) == 1
+    before = files(bad)
+    text = f"{bad / 'last.pt'} is damaged: its contents do not match the checksum saved with it"
+    check_refused(run_main("byol", ["--resume", bad, "--workers", "0"], capsys), text)
+    check_refused(run_main("linear_eval", ["--checkpoint", bad, "--workers", "0"], capsys), text)
+    assert files(bad) == before
+
+
+def test_a_checkpoint_without_a_checksum_is_read_and_said_so_once(tiny_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    del ckpt[runs.CHECKSUM]  # as written before checkpoints carried one
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    args = byol.parse_args(["--resume", str(tmp_path / "old"), "--workers", "0"])
+    assert runs.load_checkpoint(tmp_path / "old")["step"] == 5 and args.batch_size == 10  # loaded again: no second note
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: {tmp_path / 'old' / 'last.pt'} was written before checkpoints carried a checksum: read "
+                   f"without the integrity check"]

@@ -121,15 +121,19 @@ def free_space(folder):
 
 
 @contextlib.contextmanager
-def writing(path, size=0):
+def writing(path, size=0, tmp=None):
     """Turn a failed write of `path` (a full disk, a quota, a read-only file system) into a UserError that names
-    its folder and, when the disk is full, the space needed (`size` bytes: the file being written)."""
+    its folder and, when the disk is full, the space needed (`size` bytes: the file being written). The temporary
+    file `tmp` the write went to is removed first, so the free space given is that of the disk left behind."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save reports a write that failed part-way as RuntimeError
         os_error = e if isinstance(e, OSError) else e.__context__  # torch.save's RuntimeError wraps the OSError
         if not isinstance(os_error, OSError):
             raise  # not a failed write
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         free = free_space(path.parent)
         if os_error.errno in (errno.ENOSPC, errno.EDQUOT) or free < size:
             reason = (f"no space left in {path.parent}: {path.name} needs about {megabytes(size)}, "
@@ -145,7 +149,7 @@ def save_atomic(obj, path):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with writing(path, tensor_bytes(obj)):
+        with writing(path, tensor_bytes(obj), tmp):
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
@@ -168,12 +172,17 @@ def load_weights(module, state, path):
 
 
 def write_text_atomic(path, text):
-    """A small text file (args.json, metrics.jsonl) replaced atomically: a temporary file, then a rename."""
+    """A small text file (args.json, metrics.jsonl) replaced atomically: a temporary file, then a rename. A write
+    that fails removes the temporary file, keeps the previous file and raises UserError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    try:
+        with writing(path, len(text.encode()), tmp):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_json(obj, path):
@@ -215,10 +224,66 @@ def check_run_folder(args, method):
             raise UserError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
                             f"or choose another --out-dir")
         names = sorted(p.name for p in out.iterdir())
-        raise UserError(f"{out} is not empty ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); a new run "
-                        f"needs a new or empty --out-dir")
+        if not failed_start(out, args):
+            raise UserError(f"{out} is not empty ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); a new "
+                            f"run needs a new or empty --out-dir")
+        if distributed.is_main():
+            print(f"# {out} holds only a start of this command that failed before its first checkpoint "
+                  f"({', '.join(names)}): reused")
     check_writable(out, "the run folder")
     return out
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "last.pt", "encoder.pt")
+TEMPORARY = tuple(name + ".tmp" for name in RUN_FILES)  # save_atomic's and write_text_atomic's
+SAME_RUN_MAY_DIFFER = ("out_dir", "device", "workers", "data_dir", "sync_bn")  # where and how fast, not what
+
+
+def metrics_rows(path):
+    """The complete rows of a metrics.jsonl (a line torn by a kill or a full disk is none)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(row := json.loads(line), dict):
+                rows.append(row)
+    return rows
+
+
+def failed_start(out, args):
+    """Whether `out` holds nothing but what a start of these same settings leaves when it fails before its first
+    checkpoint (a full disk, out of memory, a non-finite loss, a kill): no last.pt; only our temporary files, a
+    metrics.jsonl without a complete row and an args.json of these settings (up to SAME_RUN_MAY_DIFFER). A row, a
+    checkpoint, another run's settings, a folder or any other file is data: the folder is then never written into."""
+    try:
+        for p in out.iterdir():
+            if not p.is_file() or p.is_symlink():
+                return False
+            if not (p.name in TEMPORARY or (p.name == "metrics.jsonl" and not metrics_rows(p))
+                    or (p.name == "args.json" and same_settings(p, args))):
+                return False
+    except OSError:  # unreadable: not ours to judge
+        return False
+    return True
+
+
+def same_settings(path, args):
+    """Whether the args.json at `path` holds the settings `args` (JSON's reading of them), up to SAME_RUN_MAY_DIFFER."""
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not text
+        return False
+    ours = json.loads(json.dumps(vars(args)))
+    settings = lambda d: {k: v for k, v in d.items() if k not in SAME_RUN_MAY_DIFFER}  # noqa: E731
+    return isinstance(saved, dict) and settings(saved) == settings(ours)
+
+
+def clear_failed_start(out):
+    """Remove what a failed start left in `out` (checked by check_run_folder): its temporary files and a
+    metrics.jsonl without a row (its torn line would run into the new run's first row); args.json is rewritten."""
+    for name in TEMPORARY:
+        (out / name).unlink(missing_ok=True)
+    if (out / "metrics.jsonl").is_file() and not metrics_rows(out / "metrics.jsonl"):
+        (out / "metrics.jsonl").unlink()
 
 
 def trim_metrics(path, epochs_done):
@@ -306,7 +371,9 @@ class Run:
         if not args.resume:
             if distributed.is_main():
                 print_run(args, objective)
-                save_json(vars(args), out / "args.json")
+                clear_failed_start(out)  # check_run_folder let only an empty folder or a failed start through
+                with self.saving():
+                    save_json(vars(args), out / "args.json")
             return 0, 0, {}
         ckpt = load_checkpoint(args.resume)
         load_weights(model, ckpt["model"], args.resume)  # e.g. written before the heads' last Linear lost its bias

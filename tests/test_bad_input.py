@@ -254,7 +254,17 @@ def test_second_evaluation_keeps_the_first(cifar_dir, tmp_path, capsys, no_md5):
     assert run_main("linear_eval", argv, capsys)[0] == 0 and (tmp_path / "r-4.json").exists()
 
 
-# --- checkpoints checked: a checksum (issue 18, item 3) ----------------------------------------------------------
+# --- checkpoints checked: a checksum (issue 18, item 3) and saved settings as the command line's (item 7) ---------
+def rewritten(tiny_run, folder, change):
+    """A copy of tiny_run's last.pt in `folder`, `change(ckpt)` applied and its checksum made to match."""
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    change(ckpt)
+    ckpt[runs.CHECKSUM] = runs.checksum(ckpt)
+    folder.mkdir()
+    torch.save(ckpt, folder / "last.pt")
+    return folder
+
+
 def flip_a_weight_byte(src, dst):
     """Copy the checkpoint `src` to `dst` with one bit flipped in the middle of its largest tensor's bytes (a zip
     entry stored uncompressed: the data follows the 30-byte local header, the name and the extra field)."""
@@ -298,3 +308,58 @@ def test_a_checkpoint_without_a_checksum_is_read_and_said_so_once(tiny_run, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"note: {tmp_path / 'old' / 'last.pt'} was written before checkpoints carried a checksum: read "
                    f"without the integrity check"]
+
+
+@pytest.mark.parametrize("setting,value,text", [
+    ("batch_size", 0, "--batch-size 0 (must be a positive integer, got 0)"),
+    ("workers", -5, "--workers -5 (must be an integer >= 0, got -5)"),
+    ("batch_size", "10", "--batch-size 10 (saved as str '10')"),
+    ("epochs", 1.5, "--epochs 1.5 (invalid literal for int() with base 10: '1.5')"),
+    ("batch_size", None, "--batch-size None (invalid literal"),
+    ("dataset", "mnist", "--dataset mnist (not one of cifar10, cifar100, stl10, imagenet, folder)"),
+    ("batchnorm", "yes", "--no-batchnorm yes (not True or False)"),
+    ("hidden_dim", -1, "--hidden-dim -1 (must be a positive integer"),
+    ("accum_steps", 3, "holds settings the command line refuses: --batch-size 10 is not divisible by --accum-steps 3"),
+    ("args", [1], "holds no settings (its 'args' is a list)"),
+])
+def test_a_saved_setting_the_command_line_refuses(tiny_run, tmp_path, capsys, setting, value, text):
+    def change(ckpt):
+        if setting == "args":
+            ckpt["args"] = value
+        else:
+            ckpt["args"][setting] = value
+    bad = rewritten(tiny_run, tmp_path / "bad", change)
+    before = files(bad)
+    lines = check_refused(run_main("byol", ["--resume", bad], capsys), text)
+    assert len(lines) == 1 and str(bad / "last.pt") in lines[0]
+    assert files(bad) == before
+
+
+def test_saved_settings_given_again_are_not_held_against_the_run(tiny_run, tmp_path, capsys):
+    bad = rewritten(tiny_run, tmp_path / "bad", lambda ckpt: ckpt["args"].update(workers=-5))
+    assert byol.parse_args(["--resume", str(bad), "--workers", "0"]).workers == 0  # --workers may change on resume
+
+
+def test_linear_eval_refuses_a_saved_setting_the_command_line_refuses(tiny_run, tmp_path, capsys):
+    bad = rewritten(tiny_run, tmp_path / "bad", lambda ckpt: ckpt["args"].update(image_size=0))
+    check_refused(run_main("linear_eval", ["--checkpoint", bad, "--workers", "0"], capsys),
+                  f"{bad / 'last.pt'} holds a setting the command line refuses: --image-size 0 (must be an integer "
+                  f">= 8 (pixels), got 0)")
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_linear_eval_never_creates_the_data_dir_a_checkpoint_names(tiny_run, cifar_dir, tmp_path, capsys, no_md5,
+                                                                 monkeypatch, given):
+    # the saved data_dir is a path read from a file: used only if it exists, never created nor downloaded into
+    gone = tmp_path / "gone" / "data"
+    run = rewritten(tiny_run, tmp_path / "run", lambda ckpt: ckpt["args"].update(data_dir=str(gone)))
+    monkeypatch.setattr(common, "encoder_from_checkpoint", lambda ckpt, source: (TinyEncoder(16), 16))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(cifar_dir)  # ./data, the default
+    flags = ["--data-dir", cifar_dir] if given else []
+    code, out, err = run_main("linear_eval", ["--checkpoint", run, *flags, "--precompute", "--epochs", "1", "--subset",
+                                              "10", "--workers", "0"], capsys)
+    assert code == 0, err
+    where = f"from {cifar_dir} (--data-dir)" if given else \
+        f"from ./data (the default; the checkpoint's data_dir {gone} does not exist)"
+    assert where in out and not (tmp_path / "gone").exists()

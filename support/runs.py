@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from support import distributed
-from support.errors import UserError, out_of_memory
+from support.errors import Interrupted, UserError, out_of_memory
 
 CHECKPOINT_FORMAT = "hyperreg-1"
 CHECKSUM = "checksum"  # the key added to a checkpoint for its checksum (format unchanged: older readers ignore it)
@@ -314,21 +314,29 @@ def print_run(args, objective):
 
 
 class StopSignal:
-    """SIGTERM (cluster pre-emption) and Ctrl-C set a flag; the loop finishes its step, saves and exits."""
+    """SIGTERM (cluster pre-emption) and Ctrl-C set a flag; the loop finishes its step, saves and exits. That can
+    take minutes (the step, and at an epoch's end the k-NN and the analysis): a second signal stops at once, raising
+    Interrupted wherever the run is (exit 128 + signal). The checkpoint on disk stays intact: a write in progress
+    goes to a temporary file that save_atomic removes, so the previous last.pt is kept. `on_disk` says which."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, on_disk=lambda: ""):
+        self.signum, self.on_disk = None, on_disk
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        else:
+            raise Interrupted(signum, f"stopped at once by a second signal ({signum})")
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if isinstance(exc, Interrupted):  # what is on disk once every write in progress has been undone
+            raise Interrupted(exc.signum, f"{exc}; {self.on_disk()}") from None
 
 
 class Run:
@@ -339,7 +347,7 @@ class Run:
     def __init__(self, args, out, device):
         self.args, self.out, self.device = args, out, device
         self.saved = None  # (epoch, step) of the last.pt on disk
-        self.stop = StopSignal()
+        self.stop = StopSignal(self.on_disk)
 
     def on_disk(self):
         if self.saved is None:

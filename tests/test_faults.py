@@ -3,6 +3,7 @@ before the first checkpoint, and extending a finished run. Tiny BYOL runs of a T
 import errno
 import io
 import json
+import os
 import signal
 
 import pytest
@@ -231,3 +232,65 @@ def test_a_folder_with_data_is_never_a_failed_start(cifar_dir, tmp_path, extra):
     with pytest.raises(common.UserError, match="is not empty"):
         runs.check_run_folder(args, "byol")
     assert {p.name: p.is_dir() or p.read_bytes() for p in out.iterdir()} == before
+
+
+# --- a second signal stops at once (issue 18, item 13) --------------------------------------------------------------
+def twice_at(loss_call, signum):
+    """An extra term that sends us `signum` twice during the given micro-batch: the second before the first acted."""
+    count = {"n": 0}
+
+    def extra(model, out):
+        count["n"] += 1
+        if count["n"] == loss_call:
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signum)
+        return {}
+    return extra
+
+
+def exit_status(capsys, main):
+    """(status, last stderr line) of main() run through common.cli, as the scripts run."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        common.cli(main)
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_signal_stops_at_once_and_keeps_the_checkpoint(cifar_dir, tmp_path, no_md5, capsys, full_run,
+                                                                signum):
+    out = tmp_path / "run"
+    status, line = exit_status(capsys, lambda: byol.train(tiny_args(cifar_dir, out), tiny_byol(),
+                                                          extra_terms=twice_at(7, signum)))  # in step 7
+    assert status == 128 + signum and "Traceback" not in line
+    assert line.endswith(f"stopped at once by a second signal ({signum}); the last checkpoint {out / 'last.pt'} "
+                         f"(step 5) is intact; continue with --resume {out}")  # after the progress bar
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 5
+    if signum == signal.SIGINT:
+        assert_same(resume(out), full_run[1])
+        assert rows(out) == rows(full_run[0])
+
+
+def test_a_second_signal_during_the_stop_checkpoint_keeps_the_previous_one(cifar_dir, tmp_path, no_md5, capsys,
+                                                                          monkeypatch):
+    out = tmp_path / "run"
+
+    class SecondCtrlC(io.FileIO):  # Ctrl-C again while the stop checkpoint is half written
+        def write(self, data):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().write(data)
+
+    def open_(path, mode="r", *args, **kwargs):
+        if mode == "wb" and str(path).endswith("last.pt.tmp") and (out / "last.pt").exists():
+            return SecondCtrlC(path, mode)
+        return open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(runs, "open", open_, raising=False)
+    status, line = exit_status(capsys, lambda: byol.train(tiny_args(cifar_dir, out), tiny_byol(),
+                                                          extra_terms=signal_at(7)))  # the first: SIGTERM
+    monkeypatch.delattr(runs, "open")
+    assert status == 130 and line.endswith(f"the last checkpoint {out / 'last.pt'} (step 5) is intact; continue "
+                                           f"with --resume {out}")
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt", "metrics.jsonl"]  # no last.pt.tmp
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 5

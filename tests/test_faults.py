@@ -191,11 +191,13 @@ def test_full_disk_at_the_start_leaves_no_temporary_file(cifar_dir, tmp_path, no
     assert runs.check_run_folder(tiny_args(cifar_dir, out, "--epochs", "1"), "byol") == out
 
 
-def test_a_failed_start_is_reused_by_the_same_command_only(cifar_dir, tmp_path, no_md5, capsys):
+def test_a_failed_start_is_reused_by_the_same_command_only(cifar_dir, tmp_path, no_md5, capsys, monkeypatch):
     out, flags = tmp_path / "run", ("--epochs", "1", "--analysis-samples", "0")
-    with pytest.raises(common.UserError, match="no checkpoint was written yet"):  # dies before its first checkpoint
-        byol.train(tiny_args(cifar_dir, out, *flags), tiny_byol(),
-                   extra_terms=lambda model, o: {"bad": (1.0, torch.tensor(float("nan")))})
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with monkeypatch.context() as m, pytest.raises(common.UserError, match="no checkpoint was written yet"):
+        m.setattr(loop, "train_step", out_of_memory)
+        byol.train(tiny_args(cifar_dir, out, *flags), tiny_byol())  # dies at its first step
     (out / "last.pt.tmp").write_bytes(b"half a checkpoint")  # as a kill -9 during a write leaves
     (out / "metrics.jsonl").write_text('{"epoch": 1, "lo')  # a first row torn by a full disk: no row
     before = {p.name: p.read_bytes() for p in out.iterdir()}

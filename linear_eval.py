@@ -63,11 +63,22 @@ def frozen_encoder(args):
         encoder, dim = common.encoder_for(trained)
     else:
         ckpt = runs.load_checkpoint(args.checkpoint)
-        # the settings the encoder is rebuilt from, through the checks of the training scripts' command line
-        cli.check_saved_settings(cli.base_parser(), ckpt.get("args"), runs.checkpoint_path(args.checkpoint))
+        check_trained_settings(ckpt.get("args"), runs.checkpoint_path(args.checkpoint))
         encoder, dim = common.encoder_from_checkpoint(ckpt, runs.checkpoint_path(args.checkpoint))
         trained = {**ckpt["args"], "checkpoint_epoch": ckpt["epoch"]}  # the epoch the encoder was saved after
     return encoder.requires_grad_(False).eval(), dim, trained
+
+
+USED = ("arch", "stem", "dataset", "data_dir", "image_size", "epochs")  # the settings of a checkpoint read here
+
+
+def check_trained_settings(saved, path):
+    """The settings the encoder is rebuilt and evaluated from, through the checks of the training scripts' command
+    line (those it does not use are left to --resume)."""
+    cli.check_saved_settings(cli.base_parser(), saved, path, only={*USED, "batchnorm", "eval_split"})
+    missing = [k for k in USED if k not in saved]
+    if missing:
+        raise common.UserError(f"{path} holds no {missing[0]} setting")
 
 
 def data_folder(args, trained):

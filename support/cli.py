@@ -216,19 +216,20 @@ def given_flags(parser, argv):
     return {k for k, v in given.items() if v is not unset}
 
 
-def check_saved_settings(parser, saved, path, presets=None, skip=()):
+def check_saved_settings(parser, saved, path, presets=None, skip=(), only=None):
     """The settings a checkpoint holds (`saved`, its args) through the checks of the command line: each value of a
-    flag of `parser` but those in `skip` (given again on this command line), written out as text, through the
-    flag's own type and choices; a switch must be True or False. None passes only for a flag whose default is None
-    that no preset fills (a new run never saves None there). A setting the command line would refuse is one line
-    naming the checkpoint and the flag. Settings the flags do not know (method, preset) and flags a checkpoint of an
-    older version lacks are left alone."""
+    flag of `parser` (of those in `only`, when given) but those in `skip` (given again on this command line),
+    written out as text, through the flag's own type and choices; a switch must be True or False. None passes only
+    for a flag whose default is None that no preset fills (a new run never saves None there). A setting the command
+    line would refuse is one line naming the checkpoint and the flag. Settings the flags do not know (method,
+    preset) and flags a checkpoint of an older version lacks are left alone."""
     if not isinstance(saved, dict):
         raise UserError(f"{path} holds no settings (its 'args' is a {type(saved).__name__})")
     table = (presets or {}).get(saved.get("dataset"), {}) if isinstance(saved.get("dataset"), str) else {}
     filled = {"epochs", "image_size", "arch", *(k for row in table.values() for k in row)}
     for action in parser._actions:
-        if not action.option_strings or action.dest not in saved or action.dest in skip:
+        if not action.option_strings or action.dest not in saved or action.dest in skip or \
+                (only is not None and action.dest not in only):
             continue
         value, flag = saved[action.dest], action.option_strings[0]
         if value is None and action.default is None and action.dest not in filled:

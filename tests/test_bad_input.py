@@ -340,11 +340,24 @@ def test_saved_settings_given_again_are_not_held_against_the_run(tiny_run, tmp_p
     assert byol.parse_args(["--resume", str(bad), "--workers", "0"]).workers == 0  # --workers may change on resume
 
 
-def test_linear_eval_refuses_a_saved_setting_the_command_line_refuses(tiny_run, tmp_path, capsys):
-    bad = rewritten(tiny_run, tmp_path / "bad", lambda ckpt: ckpt["args"].update(image_size=0))
-    check_refused(run_main("linear_eval", ["--checkpoint", bad, "--workers", "0"], capsys),
-                  f"{bad / 'last.pt'} holds a setting the command line refuses: --image-size 0 (must be an integer "
-                  f">= 8 (pixels), got 0)")
+@pytest.mark.parametrize("change,text", [
+    ({"image_size": 0}, "holds a setting the command line refuses: --image-size 0 (must be an integer >= 8 (pixels), "
+                        "got 0)"),
+    ({"stem": 3}, "holds a setting the command line refuses: --stem 3 (saved as int 3)"),
+    ({"arch": None}, "holds no arch setting"),
+])
+def test_linear_eval_refuses_a_saved_setting_the_command_line_refuses(tiny_run, tmp_path, capsys, change, text):
+    def apply(ckpt):  # None: a setting the checkpoint lacks
+        ckpt["args"].update(change)
+        ckpt["args"] = {k: v for k, v in ckpt["args"].items() if v is not None or k not in change}
+    bad = rewritten(tiny_run, tmp_path / "bad", apply)
+    check_refused(run_main("linear_eval", ["--checkpoint", bad, "--workers", "0"], capsys), f"{bad / 'last.pt'} {text}")
+
+
+def test_linear_eval_leaves_the_settings_it_does_not_read_to_resume(tiny_run, tmp_path, capsys):
+    odd = rewritten(tiny_run, tmp_path / "odd", lambda ckpt: ckpt["args"].update(log_every=0))
+    check_refused(run_main("linear_eval", ["--checkpoint", odd, "--workers", "0"], capsys), "is inconsistent")
+    check_refused(run_main("byol", ["--resume", odd], capsys), "--log-every 0 (must be a positive integer, got 0)")
 
 
 @pytest.mark.parametrize("given", [False, True])

@@ -212,8 +212,9 @@ def check_writable(path, what):
 
 
 def check_run_folder(args, method):
-    """The run folder, checked before any work and not yet created: a new or empty folder we can write to, or the
-    folder of the run being resumed. A folder holding anything else is never written into."""
+    """The run folder, checked before any work and not yet created: a new or empty folder we can write to, one
+    holding only a failed start of this same command (failed_start: reused), or the folder of the run being resumed.
+    A folder holding anything else is never written into."""
     if args.out_dir is None:
         args.out_dir = distributed.from_rank0(str(Path("runs") / f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     out = Path(args.out_dir)
@@ -319,8 +320,8 @@ class StopSignal:
     Interrupted wherever the run is (exit 128 + signal). The checkpoint on disk stays intact: a write in progress
     goes to a temporary file that save_atomic removes, so the previous last.pt is kept. `on_disk` says which."""
 
-    def __init__(self, on_disk=lambda: ""):
-        self.signum, self.on_disk = None, on_disk
+    def __init__(self, on_disk):
+        self.signum, self.on_disk = None, on_disk  # on_disk(): what is on disk, in words (Run.on_disk)
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}

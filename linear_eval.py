@@ -29,8 +29,9 @@ from support.errors import out_of_memory
 def build_parser():
     p = cli.Parser(description=__doc__, formatter_class=cli.HelpFormatter,
                    parents=[cli.data_parent(), cli.run_parent()],
-                   epilog="--dataset, --data-dir and --image-size default to the checkpoint's (with --random-init: "
-                          "--dataset is required, the others are the dataset's)")
+                   epilog="--dataset, --data-dir and --image-size default to the checkpoint's (its data dir only if it "
+                          "exists, else ./data; with --random-init: --dataset is required, the others are the "
+                          "dataset's)")
     p.set_defaults(dataset=None, data_dir=None)  # the checkpoint's
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="last.pt of any method (or its run folder)")
@@ -68,9 +69,34 @@ def frozen_encoder(args):
         encoder, dim = common.encoder_for(trained)
     else:
         ckpt = runs.load_checkpoint(args.checkpoint)
+        check_trained_settings(ckpt.get("args"), runs.checkpoint_path(args.checkpoint))
         encoder, dim = common.encoder_from_checkpoint(ckpt, runs.checkpoint_path(args.checkpoint))
         trained = {**ckpt["args"], "checkpoint_epoch": ckpt["epoch"]}  # the epoch the encoder was saved after
     return encoder.requires_grad_(False).eval(), dim, trained
+
+
+USED = ("arch", "stem", "dataset", "data_dir", "image_size", "epochs")  # the settings of a checkpoint read here
+
+
+def check_trained_settings(saved, path):
+    """The settings the encoder is rebuilt and evaluated from, through the checks of the training scripts' command
+    line (those it does not use are left to --resume)."""
+    cli.check_saved_settings(cli.base_parser(), saved, path, only={*USED, "batchnorm", "eval_split"})
+    missing = [k for k in USED if k not in saved]
+    if missing:
+        raise common.UserError(f"{path} holds no {missing[0]} setting")
+
+
+def data_folder(args, trained):
+    """(data_dir, where it comes from): --data-dir; else the checkpoint's data_dir, but only if it exists (a path
+    read from a file is never created nor downloaded into); else the default ./data."""
+    if args.data_dir is not None:
+        return args.data_dir, "--data-dir"
+    if args.random_init:
+        return "./data", "the default"
+    if Path(trained["data_dir"]).is_dir():
+        return trained["data_dir"], "the checkpoint's data_dir"
+    return "./data", f"the default; the checkpoint's data_dir {trained['data_dir']} does not exist"
 
 
 def snapshot(module):
@@ -160,7 +186,7 @@ def main(argv=None):
         image_size = common.DATASETS[dataset].image_size
     else:
         image_size = args.image_size or trained["image_size"]
-    data_dir = args.data_dir or trained["data_dir"]
+    data_dir, data_from = data_folder(args, trained)
     data = common.load_data(dataset, data_dir, args.eval_split, args.subset)
     if args.eval_split == "val" and trained.get("eval_split") == "test":
         print("# note: the encoder was pre-trained on the full train set, which includes the val images (unlabelled)")
@@ -177,7 +203,8 @@ def main(argv=None):
     of = "a random encoder" if args.random_init else \
         f"{args.checkpoint} (epoch {trained['checkpoint_epoch']} of {trained['epochs']})"
     print(f"# linear evaluation of {of} on {dataset} ({args.eval_split}), "
-          f"{len(data.bank)} train / {len(data.eval)} eval images, {args.epochs} epochs, batch {args.batch_size}, "
+          f"{len(data.bank)} train / {len(data.eval)} eval images from {data_dir} ({data_from}), {args.epochs} "
+          f"epochs, batch {args.batch_size}, "
           f"LR {args.lr} x {args.batch_size} / 256 = {effective_lr:.4g}"
           + (", precomputed features" if args.precompute else ""))
 

@@ -227,17 +227,52 @@ def given_flags(parser, argv):
     return {k for k, v in given.items() if v is not unset}
 
 
-def resume_settings(parser, argv, args, method):
+def check_saved_settings(parser, saved, path, presets=None, skip=(), only=None):
+    """The settings a checkpoint holds (`saved`, its args) through the checks of the command line: each value of a
+    flag of `parser` (of those in `only`, when given) but those in `skip` (given again on this command line),
+    written out as text, through the flag's own type and choices; a switch must be True or False. None passes only
+    for a flag whose default is None that no preset fills (a new run never saves None there). A setting the command
+    line would refuse is one line naming the checkpoint and the flag. Settings the flags do not know (method,
+    preset) and flags a checkpoint of an older version lacks are left alone."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} holds no settings (its 'args' is a {type(saved).__name__})")
+    table = (presets or {}).get(saved.get("dataset"), {}) if isinstance(saved.get("dataset"), str) else {}
+    filled = {"epochs", "image_size", "arch", *(k for row in table.values() for k in row)}
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in saved or action.dest in skip or \
+                (only is not None and action.dest not in only):
+            continue
+        value, flag = saved[action.dest], action.option_strings[0]
+        if value is None and action.default is None and action.dest not in filled:
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        try:
+            if action.nargs == 0:  # a switch (store_true/false, --sync-bn/--no-sync-bn)
+                reason = "" if isinstance(value, bool) else "not True or False"
+            else:
+                parsed = action.type(text) if action.type is not None else text
+                reason = "" if parsed == (tuple(value) if isinstance(value, list) else value) else \
+                    f"saved as {type(value).__name__} {value!r}"  # e.g. the text "10", not the number 10
+                if not reason and action.choices is not None and parsed not in action.choices:
+                    reason = f"not one of {', '.join(map(str, action.choices))}"
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+            reason = str(e)
+        if reason:
+            raise UserError(f"{path} holds a setting the command line refuses: {flag} {text} ({reason})")
+
+
+def resume_settings(parser, argv, args, method, presets=None):
     """The settings of the run being resumed. --device, --workers, --data-dir and --sync-bn may change; --epochs N
     extends the run to N epochs: from the resumed step on, the LR cosine and the EMA tau schedule are those of an
     N-epoch run (the steps already taken keep theirs), so extending a finished run raises the LR again from the end
     of its old cosine to the N-epoch cosine's value at that step. Any other flag is refused."""
     path = checkpoint_path(args.resume)
     ckpt = load_checkpoint(path)
-    saved = ckpt["args"]
+    saved = ckpt.get("args")
+    given = given_flags(parser, argv) - {"resume"}
+    check_saved_settings(parser, saved, path, presets, skip=given & set(RESUME_MAY_CHANGE))
     if saved.get("method") != method:
         raise UserError(f"{path} is a {saved.get('method')} run; resume it with {saved.get('method')}.py")
-    given = given_flags(parser, argv) - {"resume"}
     options = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     refused = sorted(given - set(RESUME_MAY_CHANGE) - {"epochs"})
     if refused:
@@ -253,7 +288,14 @@ def resume_settings(parser, argv, args, method):
               f"run")
         keep["epochs"] = args.epochs
         keep["epochs_changed"] = [*saved.get("epochs_changed", []), [ckpt["step"], saved["epochs"], args.epochs]]
-    return argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+    resumed = argparse.Namespace(**{**saved, **keep, "resume": str(path), "out_dir": str(path.parent)})
+    try:
+        check_args(resumed)  # the checks across flags, as for a new run
+    except UserError as e:
+        raise UserError(f"{path} holds settings the command line refuses: {e}") from None
+    except AttributeError as e:  # a checkpoint that lacks a setting every version saved
+        raise UserError(f"{path} holds no {e.name} setting") from None
+    return resumed
 
 
 def parse_args(parser, argv, presets, method):
@@ -262,7 +304,7 @@ def parse_args(parser, argv, presets, method):
     if getattr(args, "sync_bn", None) and not under_torchrun():
         raise UserError("--sync-bn needs torchrun (one process already normalises over the whole batch)")
     if args.resume:
-        args = resume_settings(parser, argv, args, method)
+        args = resume_settings(parser, argv, args, method, presets)
     else:
         args.method = method
         apply_presets(args, presets)

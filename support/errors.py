@@ -32,6 +32,14 @@ BUILDING = ("building the model or moving it and the images to the device: lower
             "--proj-dim, --expander) or --arch, or keep the images off the device (--augment per-image)")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second Ctrl-C or SIGTERM while the first was being handled: stop at once (exit 128 + signal)."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
 def cli(main):
     """Run `main()` so that bad input, and running out of memory anywhere, print one line and exit 2 instead of a
     traceback."""
@@ -42,10 +50,10 @@ def cli(main):
         end_workers()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # outside the training loop (which saves and exits on its own)
+    except KeyboardInterrupt as e:  # outside the training loop (which saves and exits on its own), or a second signal
         end_workers()
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        print(e if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        sys.exit(128 + e.signum if isinstance(e, Interrupted) else 130)
     finally:
         if dist.is_initialized():  # torchrun: leave the process group (support/distributed.py joined it)
             dist.destroy_process_group()

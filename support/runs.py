@@ -3,6 +3,7 @@ that survive a resume, the stop on a signal, and the one-line messages of a full
 torch.save (as nanoGPT's and DINO's checkpoints) because a pre-empted or failed run must never lose what it had."""
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -16,9 +17,10 @@ import torch
 from tqdm import tqdm
 
 from support import distributed
-from support.errors import UserError, out_of_memory
+from support.errors import Interrupted, UserError, out_of_memory
 
 CHECKPOINT_FORMAT = "hyperreg-1"
+CHECKSUM = "checksum"  # the key added to a checkpoint for its checksum (format unchanged: older readers ignore it)
 
 
 def checkpoint_path(path):
@@ -42,7 +44,52 @@ def load_checkpoint(path):
         raise UserError(f"{path} is not a readable hyperreg checkpoint ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a hyperreg checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
+    verify(ckpt, path)
     return ckpt
+
+
+def checksum(ckpt):
+    """SHA-256 of everything a checkpoint holds but its checksum, walked in the order torch.save keeps: each
+    tensor's dtype, shape and bytes, every other value's type and repr (a float's repr is exact). torch.load does
+    not check the zip's CRCs, so without it a flipped byte would be resumed or evaluated silently."""
+    digest = hashlib.sha256()
+
+    def walk(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for k, v in value.items():
+                walk(k)
+                walk(v)
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for v in value:
+                walk(v)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+    walk({k: v for k, v in ckpt.items() if k != CHECKSUM})
+    return digest.hexdigest()
+
+
+UNCHECKED = set()  # checkpoints without a checksum already reported by this process
+
+
+def verify(ckpt, path):
+    """A checkpoint whose checksum does not match its contents is refused; one written before checksums were
+    saved is read without the check, and said so once."""
+    if CHECKSUM not in ckpt:
+        if str(path) not in UNCHECKED and os.environ.get("RANK", "0") == "0":  # once, and once under torchrun
+            print(f"note: {path} was written before checkpoints carried a checksum: read without the integrity "
+                  f"check", file=sys.stderr)
+        UNCHECKED.add(str(path))
+    elif ckpt[CHECKSUM] != checksum(ckpt):
+        raise UserError(f"{path} is damaged: its contents do not match the checksum saved with it (a byte changed "
+                        f"since it was written); resume or evaluate an intact copy")
 
 
 def megabytes(n):
@@ -74,15 +121,19 @@ def free_space(folder):
 
 
 @contextlib.contextmanager
-def writing(path, size=0):
+def writing(path, size=0, tmp=None):
     """Turn a failed write of `path` (a full disk, a quota, a read-only file system) into a UserError that names
-    its folder and, when the disk is full, the space needed (`size` bytes: the file being written)."""
+    its folder and, when the disk is full, the space needed (`size` bytes: the file being written). The temporary
+    file `tmp` the write went to is removed first, so the free space given is that of the disk left behind."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save reports a write that failed part-way as RuntimeError
         os_error = e if isinstance(e, OSError) else e.__context__  # torch.save's RuntimeError wraps the OSError
         if not isinstance(os_error, OSError):
             raise  # not a failed write
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         free = free_space(path.parent)
         if os_error.errno in (errno.ENOSPC, errno.EDQUOT) or free < size:
             reason = (f"no space left in {path.parent}: {path.name} needs about {megabytes(size)}, "
@@ -98,7 +149,7 @@ def save_atomic(obj, path):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with writing(path, tensor_bytes(obj)):
+        with writing(path, tensor_bytes(obj), tmp):
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
@@ -121,12 +172,17 @@ def load_weights(module, state, path):
 
 
 def write_text_atomic(path, text):
-    """A small text file (args.json, metrics.jsonl) replaced atomically: a temporary file, then a rename."""
+    """A small text file (args.json, metrics.jsonl) replaced atomically: a temporary file, then a rename. A write
+    that fails removes the temporary file, keeps the previous file and raises UserError."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with writing(path):
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    try:
+        with writing(path, len(text.encode()), tmp):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def save_json(obj, path):
@@ -156,8 +212,9 @@ def check_writable(path, what):
 
 
 def check_run_folder(args, method):
-    """The run folder, checked before any work and not yet created: a new or empty folder we can write to, or the
-    folder of the run being resumed. A folder holding anything else is never written into."""
+    """The run folder, checked before any work and not yet created: a new or empty folder we can write to, one
+    holding only a failed start of this same command (failed_start: reused), or the folder of the run being resumed.
+    A folder holding anything else is never written into."""
     if args.out_dir is None:
         args.out_dir = distributed.from_rank0(str(Path("runs") / f"{method}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"))
     out = Path(args.out_dir)
@@ -168,10 +225,66 @@ def check_run_folder(args, method):
             raise UserError(f"{out} already holds a run (last.pt); resume it with --resume {out} "
                             f"or choose another --out-dir")
         names = sorted(p.name for p in out.iterdir())
-        raise UserError(f"{out} is not empty ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); a new run "
-                        f"needs a new or empty --out-dir")
+        if not failed_start(out, args):
+            raise UserError(f"{out} is not empty ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}); a new "
+                            f"run needs a new or empty --out-dir")
+        if distributed.is_main():
+            print(f"# {out} holds only a start of this command that failed before its first checkpoint "
+                  f"({', '.join(names)}): reused")
     check_writable(out, "the run folder")
     return out
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "last.pt", "encoder.pt")
+TEMPORARY = tuple(name + ".tmp" for name in RUN_FILES)  # save_atomic's and write_text_atomic's
+SAME_RUN_MAY_DIFFER = ("out_dir", "device", "workers", "data_dir", "sync_bn")  # where and how fast, not what
+
+
+def metrics_rows(path):
+    """The complete rows of a metrics.jsonl (a line torn by a kill or a full disk is none)."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            if isinstance(row := json.loads(line), dict):
+                rows.append(row)
+    return rows
+
+
+def failed_start(out, args):
+    """Whether `out` holds nothing but what a start of these same settings leaves when it fails before its first
+    checkpoint (a full disk, out of memory, a non-finite loss, a kill): no last.pt; only our temporary files, a
+    metrics.jsonl without a complete row and an args.json of these settings (up to SAME_RUN_MAY_DIFFER). A row, a
+    checkpoint, another run's settings, a folder or any other file is data: the folder is then never written into."""
+    try:
+        for p in out.iterdir():
+            if not p.is_file() or p.is_symlink():
+                return False
+            if not (p.name in TEMPORARY or (p.name == "metrics.jsonl" and not metrics_rows(p))
+                    or (p.name == "args.json" and same_settings(p, args))):
+                return False
+    except OSError:  # unreadable: not ours to judge
+        return False
+    return True
+
+
+def same_settings(path, args):
+    """Whether the args.json at `path` holds the settings `args` (JSON's reading of them), up to SAME_RUN_MAY_DIFFER."""
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:  # not JSON, or not text
+        return False
+    ours = json.loads(json.dumps(vars(args)))
+    settings = lambda d: {k: v for k, v in d.items() if k not in SAME_RUN_MAY_DIFFER}  # noqa: E731
+    return isinstance(saved, dict) and settings(saved) == settings(ours)
+
+
+def clear_failed_start(out):
+    """Remove what a failed start left in `out` (checked by check_run_folder): its temporary files and a
+    metrics.jsonl without a row (its torn line would run into the new run's first row); args.json is rewritten."""
+    for name in TEMPORARY:
+        (out / name).unlink(missing_ok=True)
+    if (out / "metrics.jsonl").is_file() and not metrics_rows(out / "metrics.jsonl"):
+        (out / "metrics.jsonl").unlink()
 
 
 def trim_metrics(path, epochs_done):
@@ -202,21 +315,29 @@ def print_run(args, objective):
 
 
 class StopSignal:
-    """SIGTERM (cluster pre-emption) and Ctrl-C set a flag; the loop finishes its step, saves and exits."""
+    """SIGTERM (cluster pre-emption) and Ctrl-C set a flag; the loop finishes its step, saves and exits. That can
+    take minutes (the step, and at an epoch's end the k-NN and the analysis): a second signal stops at once, raising
+    Interrupted wherever the run is (exit 128 + signal). The checkpoint on disk stays intact: a write in progress
+    goes to a temporary file that save_atomic removes, so the previous last.pt is kept. `on_disk` says which."""
 
-    def __init__(self):
-        self.signum = None
+    def __init__(self, on_disk):
+        self.signum, self.on_disk = None, on_disk  # on_disk(): what is on disk, in words (Run.on_disk)
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+        else:
+            raise Interrupted(signum, f"stopped at once by a second signal ({signum})")
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if isinstance(exc, Interrupted):  # what is on disk once every write in progress has been undone
+            raise Interrupted(exc.signum, f"{exc}; {self.on_disk()}") from None
 
 
 class Run:
@@ -227,7 +348,7 @@ class Run:
     def __init__(self, args, out, device):
         self.args, self.out, self.device = args, out, device
         self.saved = None  # (epoch, step) of the last.pt on disk
-        self.stop = StopSignal()
+        self.stop = StopSignal(self.on_disk)
 
     def on_disk(self):
         if self.saved is None:
@@ -259,7 +380,9 @@ class Run:
         if not args.resume:
             if distributed.is_main():
                 print_run(args, objective)
-                save_json(vars(args), out / "args.json")
+                clear_failed_start(out)  # check_run_folder let only an empty folder or a failed start through
+                with self.saving():
+                    save_json(vars(args), out / "args.json")
             return 0, 0, {}
         ckpt = load_checkpoint(args.resume)
         load_weights(model, ckpt["model"], args.resume)  # e.g. written before the heads' last Linear lost its bias
@@ -287,6 +410,7 @@ class Run:
                      "rng": rng_states(self.device), "args": vars(self.args), "argv": sys.argv}
             if partial_epoch:
                 state["partial_epoch"] = partial_epoch
+            state[CHECKSUM] = checksum(state)  # verified by load_checkpoint
             with self.saving():
                 save_atomic(state, self.out / "last.pt")
         self.saved = (epoch, step)

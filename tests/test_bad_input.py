@@ -3,6 +3,7 @@ nothing in a run folder written or lost. Most cases run the scripts' main() in t
 same path as the command line without a new interpreter per case (2.4 s each); one case runs the script itself."""
 import json
 import os
+import zipfile
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import linear_eval
 import msbreg
 import sfrik
 import simclr
+from support import runs
 from conftest import TinyEncoder, run_script, write_folder
 
 SCRIPTS = {"byol": byol, "byol_mhe": byol_mhe, "byol_uniformity": byol_uniformity, "simclr": simclr,
@@ -250,3 +252,127 @@ def test_second_evaluation_keeps_the_first(cifar_dir, tmp_path, capsys, no_md5):
     assert json.loads((tmp_path / "r-2.json").read_text())["method"] == "random-init"
     (tmp_path / "r-3.json").write_text("taken")  # the next free name after r-2
     assert run_main("linear_eval", argv, capsys)[0] == 0 and (tmp_path / "r-4.json").exists()
+
+
+# --- checkpoints checked: a checksum (issue 18, item 3) and saved settings as the command line's (item 7) ---------
+def rewritten(tiny_run, folder, change):
+    """A copy of tiny_run's last.pt in `folder`, `change(ckpt)` applied and its checksum made to match."""
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    change(ckpt)
+    ckpt[runs.CHECKSUM] = runs.checksum(ckpt)
+    folder.mkdir()
+    torch.save(ckpt, folder / "last.pt")
+    return folder
+
+
+def flip_a_weight_byte(src, dst):
+    """Copy the checkpoint `src` to `dst` with one bit flipped in the middle of its largest tensor's bytes (a zip
+    entry stored uncompressed: the data follows the 30-byte local header, the name and the extra field)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    at = entry.header_offset
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")
+    data[start + entry.file_size // 2] ^= 0x10
+    dst.mkdir()
+    (dst / "last.pt").write_bytes(bytes(data))
+    return dst
+
+
+def tensors(obj):
+    """Every tensor in a nested dict/list, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for v in values for t in tensors(v)]
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(tiny_run, tmp_path, capsys, no_md5):
+    bad = flip_a_weight_byte(tiny_run / "last.pt", tmp_path / "bad")
+    read, good = (torch.load(p / "last.pt", weights_only=True) for p in (bad, tiny_run))  # without a word
+    assert sum(not torch.equal(a, b) for a, b in zip(tensors(read), tensors(good))) == 1
+    before = files(bad)
+    text = f"{bad / 'last.pt'} is damaged: its contents do not match the checksum saved with it"
+    check_refused(run_main("byol", ["--resume", bad, "--workers", "0"], capsys), text)
+    check_refused(run_main("linear_eval", ["--checkpoint", bad, "--workers", "0"], capsys), text)
+    assert files(bad) == before
+
+
+def test_a_checkpoint_without_a_checksum_is_read_and_said_so_once(tiny_run, tmp_path, capsys):
+    ckpt = torch.load(tiny_run / "last.pt", weights_only=True)
+    del ckpt[runs.CHECKSUM]  # as written before checkpoints carried one
+    (tmp_path / "old").mkdir()
+    torch.save(ckpt, tmp_path / "old" / "last.pt")
+    args = byol.parse_args(["--resume", str(tmp_path / "old"), "--workers", "0"])
+    assert runs.load_checkpoint(tmp_path / "old")["step"] == 5 and args.batch_size == 10  # loaded again: no second note
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"note: {tmp_path / 'old' / 'last.pt'} was written before checkpoints carried a checksum: read "
+                   f"without the integrity check"]
+
+
+@pytest.mark.parametrize("setting,value,text", [
+    ("batch_size", 0, "--batch-size 0 (must be a positive integer, got 0)"),
+    ("workers", -5, "--workers -5 (must be an integer >= 0, got -5)"),
+    ("batch_size", "10", "--batch-size 10 (saved as str '10')"),
+    ("epochs", 1.5, "--epochs 1.5 (invalid literal for int() with base 10: '1.5')"),
+    ("batch_size", None, "--batch-size None (invalid literal"),
+    ("dataset", "mnist", "--dataset mnist (not one of cifar10, cifar100, stl10, imagenet, folder)"),
+    ("batchnorm", "yes", "--no-batchnorm yes (not True or False)"),
+    ("hidden_dim", -1, "--hidden-dim -1 (must be a positive integer"),
+    ("accum_steps", 3, "holds settings the command line refuses: --batch-size 10 is not divisible by --accum-steps 3"),
+    ("args", [1], "holds no settings (its 'args' is a list)"),
+])
+def test_a_saved_setting_the_command_line_refuses(tiny_run, tmp_path, capsys, setting, value, text):
+    def change(ckpt):
+        if setting == "args":
+            ckpt["args"] = value
+        else:
+            ckpt["args"][setting] = value
+    bad = rewritten(tiny_run, tmp_path / "bad", change)
+    before = files(bad)
+    lines = check_refused(run_main("byol", ["--resume", bad], capsys), text)
+    assert len(lines) == 1 and str(bad / "last.pt") in lines[0]
+    assert files(bad) == before
+
+
+def test_saved_settings_given_again_are_not_held_against_the_run(tiny_run, tmp_path, capsys):
+    bad = rewritten(tiny_run, tmp_path / "bad", lambda ckpt: ckpt["args"].update(workers=-5))
+    assert byol.parse_args(["--resume", str(bad), "--workers", "0"]).workers == 0  # --workers may change on resume
+
+
+@pytest.mark.parametrize("change,text", [
+    ({"image_size": 0}, "holds a setting the command line refuses: --image-size 0 (must be an integer >= 8 (pixels), "
+                        "got 0)"),
+    ({"stem": 3}, "holds a setting the command line refuses: --stem 3 (saved as int 3)"),
+    ({"arch": None}, "holds no arch setting"),
+])
+def test_linear_eval_refuses_a_saved_setting_the_command_line_refuses(tiny_run, tmp_path, capsys, change, text):
+    def apply(ckpt):  # None: a setting the checkpoint lacks
+        ckpt["args"].update(change)
+        ckpt["args"] = {k: v for k, v in ckpt["args"].items() if v is not None or k not in change}
+    bad = rewritten(tiny_run, tmp_path / "bad", apply)
+    check_refused(run_main("linear_eval", ["--checkpoint", bad, "--workers", "0"], capsys), f"{bad / 'last.pt'} {text}")
+
+
+def test_linear_eval_leaves_the_settings_it_does_not_read_to_resume(tiny_run, tmp_path, capsys):
+    odd = rewritten(tiny_run, tmp_path / "odd", lambda ckpt: ckpt["args"].update(log_every=0))
+    check_refused(run_main("linear_eval", ["--checkpoint", odd, "--workers", "0"], capsys), "is inconsistent")
+    check_refused(run_main("byol", ["--resume", odd], capsys), "--log-every 0 (must be a positive integer, got 0)")
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_linear_eval_never_creates_the_data_dir_a_checkpoint_names(tiny_run, cifar_dir, tmp_path, capsys, no_md5,
+                                                                 monkeypatch, given):
+    # the saved data_dir is a path read from a file: used only if it exists, never created nor downloaded into
+    gone = tmp_path / "gone" / "data"
+    run = rewritten(tiny_run, tmp_path / "run", lambda ckpt: ckpt["args"].update(data_dir=str(gone)))
+    monkeypatch.setattr(common, "encoder_from_checkpoint", lambda ckpt, source: (TinyEncoder(16), 16))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").symlink_to(cifar_dir)  # ./data, the default
+    flags = ["--data-dir", cifar_dir] if given else []
+    code, out, err = run_main("linear_eval", ["--checkpoint", run, *flags, "--precompute", "--epochs", "1", "--subset",
+                                              "10", "--workers", "0"], capsys)
+    assert code == 0, err
+    where = f"from {cifar_dir} (--data-dir)" if given else \
+        f"from ./data (the default; the checkpoint's data_dir {gone} does not exist)"
+    assert where in out and not (tmp_path / "gone").exists()

@@ -3,7 +3,7 @@ batch, agree on a stop signal; rank 0 alone writes. A plain `python script.py` i
 
 Every process holds the whole model and takes its share of each global micro-batch. The global loss is the mean
 of the processes' losses: per-sample terms are local batch means, batch-wide terms (Eq. 1, Eq. 2) see the rows of
-all processes through `gather`, whose backward (like every torch.distributed.nn collective) carries each
+all processes through `gather`, whose backward (like every differentiable collective) carries each
 process's gradient back to the process that made the rows. So after backward, the mean of the processes'
 gradients (`average_gradients`) is the gradient of the global batch, and LARS and the EMA, run on every process
 from the same gradient, keep the parameters bit-identical across processes.
@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from support.errors import UserError
@@ -78,23 +78,20 @@ def _collective_device():
 
 def gather(x):
     """The rows of x (B, ...) of every process in rank order, (W * B, ...): the global batch, for the batch-wide
-    terms. Gradients flow back to each process's own rows (torch.distributed.nn's all_gather). x in one process."""
+    terms. Gradients flow back to each process's own rows (the functional all_gather's backward is a
+    reduce-scatter of the contiguous gradient: each process receives the sum over processes of its rows'
+    gradients). x in one process.
+
+    torch.distributed._functional_collectives is what torch 2.14 names in place of the deprecated
+    torch.distributed.nn.functional (whose calls warn on every step): the same sums, to the same bits."""
     if world_size() == 1:
         return x
-    return torch.cat([_ContiguousGrad.apply(part) for part in dist_nn.all_gather(x)])
+    return funcol.all_gather_single(x, 0, dist.group.WORLD)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """The identity, whose backward hands a contiguous gradient to all_gather's backward: its gloo reduction reads
-    the gradient's memory as laid out, so the slice of a transposed gradient came back wrong."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+def _all_reduce_sum(x):
+    """The sum over the processes, differentiable: its backward sums each process's gradient back to every one."""
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
 
 
 def average_gradients(params):
@@ -160,7 +157,7 @@ def rank0_first():
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch of all processes, what nn.SyncBatchNorm
     does on CUDA, written out for the devices it does not run on (the CPU, gloo). The sums are added up by
-    torch.distributed.nn's all_reduce, whose backward sums each process's gradient back to every process."""
+    _all_reduce_sum, whose backward sums each process's gradient back to every process."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -171,8 +168,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * world_size()
-        mean = dist_nn.all_reduce(x.sum(dims)) / count
-        var = dist_nn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / count  # biased: normalises the batch
+        mean = _all_reduce_sum(x.sum(dims)) / count
+        var = _all_reduce_sum((x - mean.view(shape)).pow(2).sum(dims)) / count  # biased: normalises the batch
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

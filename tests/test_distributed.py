@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -182,7 +183,16 @@ RUNS = {  # name: (method, flags)
 
 
 def _two_processes(rank, cifar_dir, out):
-    """Everything the tests below compare, in one start of WORLD processes (each start costs seconds)."""
+    """Everything the tests below compare, in one start of WORLD processes (each start costs seconds); the
+    deprecation warnings they raise are kept for test_no_deprecated_collectives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trained_in_two_processes(rank, cifar_dir, out)
+    deprecated = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "deprecated" in str(w.message)]
+    (out / f"deprecated.rank{rank}").write_text("\n".join(sorted(set(deprecated))))
+
+
+def _trained_in_two_processes(rank, cifar_dir, out):
     _gathered_maths(rank, out)
     for name, (method, flags) in RUNS.items():
         status, model = _run(method, cifar_dir, out / name, *flags)
@@ -239,6 +249,13 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
             assert rows[0][key] == pytest.approx(want_rows[0][key], rel=1e-4, abs=1e-6), key
 
 
+def test_no_deprecated_collectives(two_processes):
+    """torch 2.14 deprecates torch.distributed.nn.functional's all_gather and all_reduce (a warning on every step);
+    the gathers and the global BatchNorm of every method above use the functional collectives instead."""
+    for r in range(WORLD):
+        assert (two_processes / f"deprecated.rank{r}").read_text() == ""
+
+
 def _initial(method, flags):
     if method == "simclr":
         torch.manual_seed(0)
@@ -277,6 +294,7 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]   # the global BatchNorm's sums
     assert proc.stdout.count("objective: L = L_BYOL") == 1 and proc.stdout.count("done: ") == 1  # rank 0 only
     assert "# 2 processes (gloo): 4 images each per micro-batch, BatchNorm over all processes" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "encoder.pt", "last.pt", "metrics.jsonl"]

@@ -127,6 +127,71 @@ def agreed_signal(signum, sync):
     return int(t.item()) or None
 
 
+class StopAgreement:
+    """The step after which every process stops on a signal (SIGTERM, Ctrl-C), soon enough for torchrun's grace.
+
+    One process stops after the step in which its signal arrived. Many must stop after the same step, each
+    taking part in the checkpoint's collectives, within the 30 s that torchrun leaves between forwarding a
+    SIGTERM to its processes and killing them; each notices the signal at its own point of a step. So after every
+    step each process starts an all_reduce (MAX) of its signal number without waiting for it, and reads, after the
+    next step, the one it started: every process reads the same value after the same step, so all stop together,
+    one step after the signal (two when it lands between the flag's start and the end of a step).
+
+    What that costs per step, instead of a host synchronisation. gloo: the flag is a CPU tensor, and waiting for an
+    all_reduce started a step earlier returns at once (each step's gradient all_reduce keeps the processes within
+    a step of each other). NCCL: the flag must live on the GPU. It is written by a kernel (fill_: a tensor made
+    from a Python number on the GPU would copy from the host and wait for the device), reduced behind the step's
+    kernels, and copied behind that into pinned host memory, marked by an event; one step later the host waits for
+    that event alone, i.e. until the GPU has finished the step before, so the host may still run a step ahead of
+    the GPU. Reading the flag with .item() on the GPU would also wait for every kernel queued since: for the whole
+    current step, a full synchronisation every step."""
+
+    def __init__(self):
+        self.signum, self.work = None, None  # the agreed signal; the all_reduce in flight
+        if world_size() > 1:
+            device = _collective_device()
+            self.flag = torch.zeros(1, dtype=torch.long, device=device)
+            cuda = device.type == "cuda"
+            self.host = torch.zeros(1, dtype=torch.long, pin_memory=True) if cuda else self.flag
+            self.copied = torch.cuda.Event() if cuda else None
+
+    def after_step(self, signum):
+        """The signal every process stops on after this step, or None; `signum` is this process's (or None).
+        Every process calls it after every step."""
+        if world_size() == 1:
+            return signum
+        self.signum = self.signum or self._read()
+        if self.signum is None:
+            self._start(signum)
+        return self.signum
+
+    def at_epoch_end(self, signum):
+        """The signal agreed now, at an epoch's end (after rank 0's evaluation): one blocking all_reduce."""
+        if world_size() == 1:
+            return signum
+        self.signum = self.signum or self._read() or agreed_signal(signum, True)
+        return self.signum
+
+    def _start(self, signum):
+        self.flag.fill_(signum or 0)
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.copied is not None:
+            self.work.wait()  # NCCL: the stream waits for the all_reduce, the host does not
+            self.host.copy_(self.flag, non_blocking=True)
+            self.copied.record()
+
+    def _read(self):
+        """The result of the all_reduce started after the previous step (None if there is none, or no signal)."""
+        if self.work is None:
+            return None
+        if self.copied is not None:
+            self.copied.synchronize()
+        else:
+            self.work.wait()
+        self.work = None
+        return int(self.host.item()) or None
+
+
 def from_rank0(obj):
     """Rank 0's value of a picklable object on every process (e.g. a run folder named after the time)."""
     if world_size() == 1:

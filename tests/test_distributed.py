@@ -198,7 +198,7 @@ def _trained_in_two_processes(rank, cifar_dir, out):
         status, model = _run(method, cifar_dir, out / name, *flags)
         assert status == 0
         torch.save(model.state_dict(), out / f"{name}.rank{rank}.pt")
-    # SIGTERM on rank 1 only, during its 3rd step: both stop after step 3 (--log-every 1), one checkpoint
+    # SIGTERM on rank 1 only, during its 3rd step: both stop after step 4 (the next), one checkpoint
     status, _ = _run("byol", cifar_dir, out / "stopped", "--no-batchnorm",
                      extra_terms=signal_at(3) if rank == 1 else None)
     (out / f"stopped.rank{rank}").write_text(str(status))
@@ -273,7 +273,7 @@ def test_signal_on_one_process_stops_all_and_resumes_with_one(two_processes, cif
     out = two_processes / "stopped"
     assert [(two_processes / f"stopped.rank{r}").read_text() for r in range(WORLD)] == [str(128 + 15)] * WORLD
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]   # rank 0's checkpoint only
-    assert runs.load_checkpoint(out / "last.pt")["step"] == 3
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 4
     resumed = _byol_model(False)
     args = byol.parse_args(["--resume", str(out), "--workers", "0"])          # W' = 1: a plain process
     assert byol.train(args, resumed) == 0
@@ -303,6 +303,77 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
     ckpt = runs.load_checkpoint(out)
     assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["sync_bn"] is None
     assert not any("module." in k for k in ckpt["model"])
+
+
+def torchrun(*argv, env=(), timeout=300):
+    """`torchrun --nproc_per_node WORLD python argv` as a user starts it; on a timeout torchrun is sent SIGTERM,
+    which it forwards to its processes (each in a session of its own) before killing them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "--no-python", sys.executable, *map(str, argv)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# RUNNER with a TinyEncoder in place of the ResNet (the launch and the stop are what is tested) and, with STOP_AT=k,
+# SIGTERM sent to the torchrun launcher during step k, as a scheduler pre-empting the job does: once every process
+# is inside step k (a barrier), rank 1 signals its parent, torchrun forwards the signal to every process, and each
+# waits inside step k until it has received it (handled by the script's own handler).
+TINY_RUNNER = """
+import os, signal, sys, time
+sys.path.insert(0, "tests")
+import torch, torch.distributed as dist
+import common, loop
+from conftest import TinyEncoder
+common.encoder_for = lambda args: (TinyEncoder(16), 16)
+stop_at, real_step, calls = int(os.environ.get("STOP_AT", 0)), loop.train_step, []
+
+def train_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == stop_at:
+        handler, got = signal.getsignal(signal.SIGTERM), []
+        signal.signal(signal.SIGTERM, lambda n, frame: (got.append(n), handler(n, frame)))
+        dist.barrier()
+        if dist.get_rank() == 1:
+            os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.time() + 60
+        while not got and time.time() < deadline:
+            time.sleep(0.01)
+        signal.signal(signal.SIGTERM, handler)
+    return real_step(*args, **kwargs)
+
+loop.train_step = train_step
+torch.set_num_threads(1)
+""" + RUNNER
+
+
+def test_torchrun_sigterm_far_from_an_agreement_point_saves_the_next_step(cifar_dir, tmp_path):
+    """Issue 18.5: torchrun kills its processes 30 s after forwarding a SIGTERM; they used to agree on a stop only
+    every --log-every steps and at an epoch's end, so a signal far from both lost the checkpoint. Now every
+    process stops after the step following the signal, with one checkpoint, and the run resumes."""
+    out = tmp_path / "run"
+    flags = ["byol.py", "--device", "cpu", "--data-dir", cifar_dir, "--batch-size", "4", "--epochs", "1",
+             "--workers", "0", "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--analysis-samples",
+             "0", "--out-dir", out]
+    proc = torchrun("-c", TINY_RUNNER, *flags, "--log-every", "1000", env={"STOP_AT": "3"})  # 12 steps an epoch
+    assert proc.returncode != 0                          # torchrun reports the signal it received
+    err = proc.stderr
+    assert "forcefully exiting" not in err, err[-3000:]  # both ended within torchrun's grace, not killed
+    assert err.count("stopped by signal 15 at step 4;") == 1, err[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 4
+    resumed = subprocess.run([sys.executable, "-c", TINY_RUNNER, "byol.py", "--resume", str(out)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at epoch 0, step 4" in resumed.stdout
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [12]
+    assert (out / "encoder.pt").exists()
 
 
 @pytest.mark.parametrize("env,flags,text", [

@@ -376,6 +376,47 @@ def test_torchrun_sigterm_far_from_an_agreement_point_saves_the_next_step(cifar_
     assert (out / "encoder.pt").exists()
 
 
+def test_torchrun_prints_an_error_once():
+    """Issue 18.11: every process meets the same bad input (as byol.py's check of --batch-size against W, made
+    before the processes join); one line says so, not one per process. The first process to fail exits 2, and
+    torchrun then stops the others and exits 1 with its own summary of the failed processes. (A script importing
+    only support.errors: the launcher and its two processes cost seconds each to import torch alone.)"""
+    code = ("from support.errors import UserError, cli\n"
+            "def main():\n    raise UserError('the bad input every process meets')\n"
+            "cli(main)\n")
+    proc = torchrun("-c", code)
+    assert proc.stderr.count("error: the bad input every process meets\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    # torchrun's summary: the first process to exit (2), and the other, which it may have stopped first (-15)
+    assert proc.returncode == 1 and "ChildFailedError" in proc.stderr and "exitcode  : 2" in proc.stderr
+
+
+def test_an_error_line_is_printed_by_the_first_process_that_meets_it(monkeypatch, capsys):
+    """The counter in torchrun's store (here a store of our own): a line another process printed is not printed
+    again; a process failing alone, with its own line, prints it; outside torchrun every line is printed."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def fails(message):
+        def main():
+            raise common.UserError(message)
+        with pytest.raises(SystemExit) as exit:
+            common.cli(main)
+        assert exit.value.code == 2
+        return capsys.readouterr().err
+
+    assert fails("the same bad input") == "error: the same bad input\n"   # the first process
+    assert fails("the same bad input") == ""                                # every other one
+    assert fails("process 1 of this machine has no GPU") == "error: process 1 of this machine has no GPU\n"
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))                    # no store: better twice than never
+    assert fails("the same bad input") == "error: the same bad input\n"
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")                     # not torchrun
+    assert fails("the same bad input") == "error: the same bad input\n"
+
+
 @pytest.mark.parametrize("env,flags,text", [
     ({"WORLD_SIZE": "3", "RANK": "0"}, ["--batch-size", "16"], "3 processes cannot share equally"),
     ({"WORLD_SIZE": "2", "RANK": "1"}, ["--batch-size", "18", "--accum-steps", "6"], "2 processes cannot share"),

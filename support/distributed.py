@@ -134,8 +134,9 @@ class StopAgreement:
     taking part in the checkpoint's collectives, within the 30 s that torchrun leaves between forwarding a
     SIGTERM to its processes and killing them; each notices the signal at its own point of a step. So after every
     step each process starts an all_reduce (MAX) of its signal number without waiting for it, and reads, after the
-    next step, the one it started: every process reads the same value after the same step, so all stop together,
-    one step after the signal (two when it lands between the flag's start and the end of a step).
+    next step, the one it started: every process reads the same value after the same step, so all stop together
+    after the step that follows the one in which the first of them received the signal (one step later than a
+    single process stops). At an epoch's end they agree at once (rank 0's evaluation has made the others wait).
 
     What that costs per step, instead of a host synchronisation. gloo: the flag is a CPU tensor, and waiting for an
     all_reduce started a step earlier returns at once (each step's gradient all_reduce keeps the processes within

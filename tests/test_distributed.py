@@ -240,8 +240,8 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
         moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-2)
     assert moved
     assert json.loads((two_processes / name / "args.json").read_text())["sync_bn"] is None  # --sync-bn: the default
-    rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
-    want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (two_processes / name / "metrics.jsonl").read_text().splitlines()]
+    want_rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == want_rows[0]["step"]
     logged = ("loss", "byol", "uniformity", "mhe", "centroid", "sv", "brownian", "invariance", "mmd")
     for key in logged:  # logged: the global batch's
@@ -298,7 +298,7 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
     assert proc.stdout.count("objective: L = L_BYOL") == 1 and proc.stdout.count("done: ") == 1  # rank 0 only
     assert "# 2 processes (gloo): 4 images each per micro-batch, BatchNorm over all processes" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "encoder.pt", "last.pt", "metrics.jsonl"]
-    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 2 and 0 <= rows[0]["knn_top1"] <= 100
     ckpt = runs.load_checkpoint(out)
     assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["sync_bn"] is None

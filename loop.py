@@ -42,6 +42,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
     distributed.replicate(model, args)
     sampler, loader = train_batches(data.pretrain, args, views, device, steps_per_epoch)
     knn_loaders = monitor_loaders(data, args, device)
+    agreement = distributed.StopAgreement()  # the step after which every process stops on a signal
 
     with run.stop, ending_workers(loader):
         for epoch in range(start_epoch, args.epochs):
@@ -61,7 +62,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                 sums.add(terms)
                 bar.update(1)
                 log = (step - epoch * steps_per_epoch - start_step) % args.log_every == 0
-                signum = distributed.agreed_signal(run.stop.signum, log)  # all processes stop after one step
+                signum = agreement.after_step(run.stop.signum)  # all processes stop after the same step
                 if log or signum:
                     loss = sums.mean_loss()
                     run.check_finite(loss, f"at step {step}")
@@ -77,7 +78,7 @@ def pretrain(args, model, loss_fn, *, views, after_step=None, objective=""):
                                           or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
                 row.update(monitor(model, knn_loaders, data, args, views, device, run))  # others wait below
             run.end_epoch(row, model, optimizer, step, epoch + 1)  # the row, then the checkpoint that records it
-            signum = distributed.agreed_signal(run.stop.signum, True)
+            signum = agreement.at_epoch_end(run.stop.signum)
             if signum:
                 return run.stopped(signum, step)
     return run.finish(model)  # encoder.pt

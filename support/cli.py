@@ -153,8 +153,7 @@ def base_parser():
                         "analysis logged with each k-NN evaluation as eval_uniformity, eval_alignment, "
                         "eval_mhe_<sub-network>, eval_energy_<ResNet block> (Figs. 4, 5) and eval_mmd_legendre "
                         "(SFRIK's MMD); 0 turns it off")
-    g.add_argument("--log-every", type=positive_int, default=20, help="refresh the progress bar every N steps (under "
-                   "torchrun also how often the processes agree on a stop signal)")
+    g.add_argument("--log-every", type=positive_int, default=20, help="refresh the progress bar every N steps")
 
     g = p.add_argument_group("many GPUs (torchrun --nproc_per_node W script.py ...; docs/many-gpus.md)", """\
   --batch-size is the global batch: each of W processes takes batch/(W x accum-steps) images per micro-batch,

@@ -3,7 +3,7 @@ batch, agree on a stop signal; rank 0 alone writes. A plain `python script.py` i
 
 Every process holds the whole model and takes its share of each global micro-batch. The global loss is the mean
 of the processes' losses: per-sample terms are local batch means, batch-wide terms (Eq. 1, Eq. 2) see the rows of
-all processes through `gather`, whose backward (like every torch.distributed.nn collective) carries each
+all processes through `gather`, whose backward (like every differentiable collective) carries each
 process's gradient back to the process that made the rows. So after backward, the mean of the processes'
 gradients (`average_gradients`) is the gradient of the global batch, and LARS and the EMA, run on every process
 from the same gradient, keep the parameters bit-identical across processes.
@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from support.errors import UserError
@@ -78,23 +78,20 @@ def _collective_device():
 
 def gather(x):
     """The rows of x (B, ...) of every process in rank order, (W * B, ...): the global batch, for the batch-wide
-    terms. Gradients flow back to each process's own rows (torch.distributed.nn's all_gather). x in one process."""
+    terms. Gradients flow back to each process's own rows (the functional all_gather's backward is a
+    reduce-scatter of the contiguous gradient: each process receives the sum over processes of its rows'
+    gradients). x in one process.
+
+    torch.distributed._functional_collectives is what torch 2.14 names in place of the deprecated
+    torch.distributed.nn.functional (whose calls warn on every step): the same sums, to the same bits."""
     if world_size() == 1:
         return x
-    return torch.cat([_ContiguousGrad.apply(part) for part in dist_nn.all_gather(x)])
+    return funcol.all_gather_single(x, 0, dist.group.WORLD)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """The identity, whose backward hands a contiguous gradient to all_gather's backward: its gloo reduction reads
-    the gradient's memory as laid out, so the slice of a transposed gradient came back wrong."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
+def _all_reduce_sum(x):
+    """The sum over the processes, differentiable: its backward sums each process's gradient back to every one."""
+    return funcol.all_reduce(x, "sum", dist.group.WORLD)
 
 
 def average_gradients(params):
@@ -130,6 +127,72 @@ def agreed_signal(signum, sync):
     return int(t.item()) or None
 
 
+class StopAgreement:
+    """The step after which every process stops on a signal (SIGTERM, Ctrl-C), soon enough for torchrun's grace.
+
+    One process stops after the step in which its signal arrived. Many must stop after the same step, each
+    taking part in the checkpoint's collectives, within the 30 s that torchrun leaves between forwarding a
+    SIGTERM to its processes and killing them; each notices the signal at its own point of a step. So after every
+    step each process starts an all_reduce (MAX) of its signal number without waiting for it, and reads, after the
+    next step, the one it started: every process reads the same value after the same step, so all stop together
+    after the step that follows the one in which the first of them received the signal (one step later than a
+    single process stops). At an epoch's end they agree at once (rank 0's evaluation has made the others wait).
+
+    What that costs per step, instead of a host synchronisation. gloo: the flag is a CPU tensor, and waiting for an
+    all_reduce started a step earlier returns at once (each step's gradient all_reduce keeps the processes within
+    a step of each other). NCCL: the flag must live on the GPU. It is written by a kernel (fill_: a tensor made
+    from a Python number on the GPU would copy from the host and wait for the device), reduced behind the step's
+    kernels, and copied behind that into pinned host memory, marked by an event; one step later the host waits for
+    that event alone, i.e. until the GPU has finished the step before, so the host may still run a step ahead of
+    the GPU. Reading the flag with .item() on the GPU would also wait for every kernel queued since: for the whole
+    current step, a full synchronisation every step."""
+
+    def __init__(self):
+        self.signum, self.work = None, None  # the agreed signal; the all_reduce in flight
+        if world_size() > 1:
+            device = _collective_device()
+            self.flag = torch.zeros(1, dtype=torch.long, device=device)
+            cuda = device.type == "cuda"
+            self.host = torch.zeros(1, dtype=torch.long, pin_memory=True) if cuda else self.flag
+            self.copied = torch.cuda.Event() if cuda else None
+
+    def after_step(self, signum):
+        """The signal every process stops on after this step, or None; `signum` is this process's (or None).
+        Every process calls it after every step."""
+        if world_size() == 1:
+            return signum
+        self.signum = self.signum or self._read()
+        if self.signum is None:
+            self._start(signum)
+        return self.signum
+
+    def at_epoch_end(self, signum):
+        """The signal agreed now, at an epoch's end (after rank 0's evaluation): one blocking all_reduce."""
+        if world_size() == 1:
+            return signum
+        self.signum = self.signum or self._read() or agreed_signal(signum, True)
+        return self.signum
+
+    def _start(self, signum):
+        self.flag.fill_(signum or 0)
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.copied is not None:
+            self.work.wait()  # NCCL: the stream waits for the all_reduce, the host does not
+            self.host.copy_(self.flag, non_blocking=True)
+            self.copied.record()
+
+    def _read(self):
+        """The result of the all_reduce started after the previous step (None if there is none, or no signal)."""
+        if self.work is None:
+            return None
+        if self.copied is not None:
+            self.copied.synchronize()
+        else:
+            self.work.wait()
+        self.work = None
+        return int(self.host.item()) or None
+
+
 def from_rank0(obj):
     """Rank 0's value of a picklable object on every process (e.g. a run folder named after the time)."""
     if world_size() == 1:
@@ -160,7 +223,7 @@ def rank0_first():
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch of all processes, what nn.SyncBatchNorm
     does on CUDA, written out for the devices it does not run on (the CPU, gloo). The sums are added up by
-    torch.distributed.nn's all_reduce, whose backward sums each process's gradient back to every process."""
+    _all_reduce_sum, whose backward sums each process's gradient back to every process."""
 
     def _check_input_dim(self, x):
         if x.dim() < 2:
@@ -171,8 +234,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         dims, shape = [0, *range(2, x.dim())], [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * world_size()
-        mean = dist_nn.all_reduce(x.sum(dims)) / count
-        var = dist_nn.all_reduce((x - mean.view(shape)).pow(2).sum(dims)) / count  # biased: normalises the batch
+        mean = _all_reduce_sum(x.sum(dims)) / count
+        var = _all_reduce_sum((x - mean.view(shape)).pow(2).sum(dims)) / count  # biased: normalises the batch
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

@@ -2,8 +2,12 @@
 hygiene of DataLoader workers. Hand-written because argparse, torch and DataLoader report these as tracebacks, and a
 worker that ignores signals would keep a failed script from exiting."""
 import contextlib
+import datetime
+import hashlib
 import multiprocessing
+import os
 import signal
+import socket
 import sys
 
 import torch
@@ -42,21 +46,46 @@ class Interrupted(KeyboardInterrupt):
 
 def cli(main):
     """Run `main()` so that bad input, and running out of memory anywhere, print one line and exit 2 instead of a
-    traceback."""
+    traceback; under torchrun the line is printed once, not by every process (each still exits with its status)."""
     try:
         with out_of_memory(lambda: BUILDING):
             sys.exit(main())
     except UserError as e:
         end_workers()
-        print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt as e:  # outside the training loop (which saves and exits on its own), or a second signal
         end_workers()
-        print(e if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        report(str(e) if isinstance(e, Interrupted) else "interrupted")
         sys.exit(128 + e.signum if isinstance(e, Interrupted) else 130)
     finally:
         if dist.is_initialized():  # torchrun: leave the process group (support/distributed.py joined it)
             dist.destroy_process_group()
+
+
+def report(line):
+    """Print `line` on stderr, once per torchrun job: every process meets the same bad input, and the first to count
+    its line prints it. A process that fails alone has a line of its own, and prints it."""
+    if first_to_report(line):
+        print(line, file=sys.stderr)
+
+
+def first_to_report(line):
+    """Whether no other process of this torchrun job has reported `line`: a counter per line in the key-value store
+    that torchrun's agent serves to its processes for the whole job (at MASTER_ADDR:MASTER_PORT, before and after
+    they join the process group), one per restart. True outside torchrun, or when the store cannot be reached
+    (better twice than never)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("WORLD_SIZE", "1") == "1":
+        return True
+    key = (f"hyperreg/reported/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/"
+           f"{hashlib.sha256(line.encode()).hexdigest()}")
+    try:
+        address = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        socket.create_connection(address, timeout=5).close()  # else TCPStore retries, logging C++ stack frames
+        store = dist.TCPStore(*address, is_master=False, timeout=datetime.timedelta(seconds=10))
+        return store.add(key, 1) == 1
+    except (RuntimeError, ValueError, KeyError, OSError):  # e.g. torchrun has ended: no store
+        return True
 
 
 def end_workers():

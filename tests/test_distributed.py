@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -182,13 +183,22 @@ RUNS = {  # name: (method, flags)
 
 
 def _two_processes(rank, cifar_dir, out):
-    """Everything the tests below compare, in one start of WORLD processes (each start costs seconds)."""
+    """Everything the tests below compare, in one start of WORLD processes (each start costs seconds); the
+    deprecation warnings they raise are kept for test_no_deprecated_collectives."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trained_in_two_processes(rank, cifar_dir, out)
+    deprecated = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "deprecated" in str(w.message)]
+    (out / f"deprecated.rank{rank}").write_text("\n".join(sorted(set(deprecated))))
+
+
+def _trained_in_two_processes(rank, cifar_dir, out):
     _gathered_maths(rank, out)
     for name, (method, flags) in RUNS.items():
         status, model = _run(method, cifar_dir, out / name, *flags)
         assert status == 0
         torch.save(model.state_dict(), out / f"{name}.rank{rank}.pt")
-    # SIGTERM on rank 1 only, during its 3rd step: both stop after step 3 (--log-every 1), one checkpoint
+    # SIGTERM on rank 1 only, during its 3rd step: both stop after step 4 (the next), one checkpoint
     status, _ = _run("byol", cifar_dir, out / "stopped", "--no-batchnorm",
                      extra_terms=signal_at(3) if rank == 1 else None)
     (out / f"stopped.rank{rank}").write_text(str(status))
@@ -230,13 +240,20 @@ def test_two_processes_equal_one(two_processes, cifar_dir, tmp_path, no_md5, nam
         moved |= not torch.allclose(want.float(), _initial(method, flags)[key].float(), rtol=1e-3, atol=1e-2)
     assert moved
     assert json.loads((two_processes / name / "args.json").read_text())["sync_bn"] is None  # --sync-bn: the default
-    rows = [json.loads(x) for x in open(two_processes / name / "metrics.jsonl")]
-    want_rows = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (two_processes / name / "metrics.jsonl").read_text().splitlines()]
+    want_rows = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == want_rows[0]["step"]
     logged = ("loss", "byol", "uniformity", "mhe", "centroid", "sv", "brownian", "invariance", "mmd")
     for key in logged:  # logged: the global batch's
         if key in want_rows[0]:
             assert rows[0][key] == pytest.approx(want_rows[0][key], rel=1e-4, abs=1e-6), key
+
+
+def test_no_deprecated_collectives(two_processes):
+    """torch 2.14 deprecates torch.distributed.nn.functional's all_gather and all_reduce (a warning on every step);
+    the gathers and the global BatchNorm of every method above use the functional collectives instead."""
+    for r in range(WORLD):
+        assert (two_processes / f"deprecated.rank{r}").read_text() == ""
 
 
 def _initial(method, flags):
@@ -256,7 +273,7 @@ def test_signal_on_one_process_stops_all_and_resumes_with_one(two_processes, cif
     out = two_processes / "stopped"
     assert [(two_processes / f"stopped.rank{r}").read_text() for r in range(WORLD)] == [str(128 + 15)] * WORLD
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]   # rank 0's checkpoint only
-    assert runs.load_checkpoint(out / "last.pt")["step"] == 3
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 4
     resumed = _byol_model(False)
     args = byol.parse_args(["--resume", str(out), "--workers", "0"])          # W' = 1: a plain process
     assert byol.train(args, resumed) == 0
@@ -277,14 +294,126 @@ def test_torchrun_end_to_end_writes_one_run_folder(cifar_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]   # the global BatchNorm's sums
     assert proc.stdout.count("objective: L = L_BYOL") == 1 and proc.stdout.count("done: ") == 1  # rank 0 only
     assert "# 2 processes (gloo): 4 images each per micro-batch, BatchNorm over all processes" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["args.json", "encoder.pt", "last.pt", "metrics.jsonl"]
-    rows = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 2 and 0 <= rows[0]["knn_top1"] <= 100
     ckpt = runs.load_checkpoint(out)
     assert ckpt["args"]["batch_size"] == 8 and ckpt["args"]["sync_bn"] is None
     assert not any("module." in k for k in ckpt["model"])
+
+
+def torchrun(*argv, env=(), timeout=300):
+    """`torchrun --nproc_per_node WORLD python argv` as a user starts it; on a timeout torchrun is sent SIGTERM,
+    which it forwards to its processes (each in a session of its own) before killing them."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           "--no-python", sys.executable, *map(str, argv)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# RUNNER with a TinyEncoder in place of the ResNet (the launch and the stop are what is tested) and, with STOP_AT=k,
+# SIGTERM sent to the torchrun launcher during step k, as a scheduler pre-empting the job does: once every process
+# is inside step k (a barrier), rank 1 signals its parent, torchrun forwards the signal to every process, and each
+# waits inside step k until it has received it (handled by the script's own handler).
+TINY_RUNNER = """
+import os, signal, sys, time
+sys.path.insert(0, "tests")
+import torch, torch.distributed as dist
+import common, loop
+from conftest import TinyEncoder
+common.encoder_for = lambda args: (TinyEncoder(16), 16)
+stop_at, real_step, calls = int(os.environ.get("STOP_AT", 0)), loop.train_step, []
+
+def train_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == stop_at:
+        handler, got = signal.getsignal(signal.SIGTERM), []
+        signal.signal(signal.SIGTERM, lambda n, frame: (got.append(n), handler(n, frame)))
+        dist.barrier()
+        if dist.get_rank() == 1:
+            os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.time() + 60
+        while not got and time.time() < deadline:
+            time.sleep(0.01)
+        signal.signal(signal.SIGTERM, handler)
+    return real_step(*args, **kwargs)
+
+loop.train_step = train_step
+torch.set_num_threads(1)
+""" + RUNNER
+
+
+def test_torchrun_sigterm_far_from_an_agreement_point_saves_the_next_step(cifar_dir, tmp_path, no_md5, capsys):
+    """Issue 18.5: torchrun kills its processes 30 s after forwarding a SIGTERM; they used to agree on a stop only
+    every --log-every steps and at an epoch's end, so a signal far from both lost the checkpoint. Now every
+    process stops after the step following the signal, with one checkpoint, and the run resumes."""
+    out = tmp_path / "run"
+    flags = ["byol.py", "--device", "cpu", "--data-dir", cifar_dir, "--batch-size", "4", "--epochs", "1",
+             "--workers", "0", "--hidden-dim", "32", "--proj-dim", "8", "--knn-every", "0", "--analysis-samples",
+             "0", "--out-dir", out]
+    proc = torchrun("-c", TINY_RUNNER, *flags, "--log-every", "1000", env={"STOP_AT": "3"})  # 12 steps an epoch
+    assert proc.returncode != 0                          # torchrun reports the signal it received
+    err = proc.stderr
+    assert "forcefully exiting" not in err, err[-3000:]  # both ended within torchrun's grace, not killed
+    assert err.count("stopped by signal 15 at step 4;") == 1, err[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "last.pt"]
+    assert runs.load_checkpoint(out / "last.pt")["step"] == 4
+    args = byol.parse_args(["--resume", str(out)])        # as byol.py's main, here (a process costs seconds)
+    assert byol.train(args, byol.build_model(args, TinyEncoder(16), 16)) == 0
+    assert "at epoch 0, step 4" in capsys.readouterr().out
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [12]
+    assert (out / "encoder.pt").exists()
+
+
+def test_torchrun_prints_an_error_once():
+    """Issue 18.11: every process meets the same bad input (as byol.py's check of --batch-size against W, made
+    before the processes join); one line says so, not one per process. The first process to fail exits 2, and
+    torchrun then stops the others and exits 1 with its own summary of the failed processes. (A script importing
+    only support.errors: the launcher and its two processes cost seconds each to import torch alone.)"""
+    code = ("from support.errors import UserError, cli\n"
+            "def main():\n    raise UserError('the bad input every process meets')\n"
+            "cli(main)\n")
+    proc = torchrun("-c", code)
+    assert proc.stderr.count("error: the bad input every process meets\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("error:") == 1, proc.stderr[-3000:]
+    # torchrun's summary: the first process to exit (2), and the other, which it may have stopped first (-15)
+    assert proc.returncode == 1 and "ChildFailedError" in proc.stderr and "exitcode  : 2" in proc.stderr
+
+
+def test_an_error_line_is_printed_by_the_first_process_that_meets_it(monkeypatch, capsys):
+    """The counter in torchrun's store (here a store of our own): a line another process printed is not printed
+    again; a process failing alone, with its own line, prints it; outside torchrun every line is printed."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def fails(message):
+        def main():
+            raise common.UserError(message)
+        with pytest.raises(SystemExit) as exit:
+            common.cli(main)
+        assert exit.value.code == 2
+        return capsys.readouterr().err
+
+    assert fails("the same bad input") == "error: the same bad input\n"   # the first process
+    assert fails("the same bad input") == ""                                # every other one
+    assert fails("process 1 of this machine has no GPU") == "error: process 1 of this machine has no GPU\n"
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))                    # no store: better twice than never
+    assert fails("the same bad input") == "error: the same bad input\n"
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")                     # not torchrun
+    assert fails("the same bad input") == "error: the same bad input\n"
 
 
 @pytest.mark.parametrize("env,flags,text", [

@@ -109,7 +109,7 @@ def test_help_lists_presets_and_sources():
 def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
     out = tmp_path / "run"
     proc = check_ok(run_script(script, "--data-dir", cifar_dir, "--batch-size", "24", "--out-dir", out,
-                               *flags, *TINY))
+                               "--image-size", "16", *flags, *TINY))  # 16 px: a quarter of the CPU of 32 px
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row[term] == row[term] and "byol" in row and "eval_uniformity" in row
     args = json.loads((out / "args.json").read_text())
@@ -119,9 +119,10 @@ def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
         assert args["mhe_weight"] == (10.0 if "--mhe-weight" not in flags else 1.0)  # Appendix C.1 default
         assert args["mhe_on"] == (["projector", "predictor"] if "--mhe-on" not in flags else
                                   ["encoder", "projector", "predictor"])
-        check_ok(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "1", "--workers", "0",
-                            "--precompute"))
-        assert json.loads((out / "linear_eval_test.json").read_text())["method"] == "byol_mhe"
+        if "--no-batchnorm" in flags:  # the probe rebuilds the encoder without BatchNorm from the checkpoint
+            check_ok(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "1", "--workers", "0",
+                                "--precompute"))
+            assert json.loads((out / "linear_eval_test.json").read_text())["method"] == "byol_mhe"
     else:
         assert "Eq. 4" in proc.stdout and args["unif_weight"] == 0.125 and args["unif_on"] == "projector"
         assert "micro-batches of 12 images" in proc.stderr
@@ -129,8 +130,8 @@ def test_regularised_byol_end_to_end(cifar_dir, tmp_path, script, flags, term):
         # the encoder features of fixed eval images) are both logged, each under its own name
         assert -4 <= row["uniformity"] <= 0 and -4 <= row["eval_uniformity"] <= 0
         assert row["uniformity"] != row["eval_uniformity"]
-    # a run is resumed by the script that made it
-    check_one_line_error(run_script("byol.py", "--resume", out), f"resume it with {script}")
+    if flags in (["--accum-steps", "2"], ["--pow", "a2"]):  # a run is resumed by the script that made it
+        check_one_line_error(run_script("byol.py", "--resume", out), f"resume it with {script}")
 
 
 @pytest.mark.parametrize("script,flags,text", [
@@ -177,13 +178,14 @@ def test_linear_eval_bad_numbers(cifar_run):
     check_one_line_error(run_script("linear_eval.py", "--checkpoint", out, "--epochs", "0"), "argument --epochs: must be")
 
 
-def test_bad_checkpoints(tmp_path):
-    check_one_line_error(run_script("linear_eval.py", "--checkpoint", tmp_path / "missing.pt"), "does not exist")
+def test_bad_checkpoints(tmp_path, capsys):
+    from test_bad_input import check_refused, run_main  # in this process: a script run costs seconds of CPU
+    check_refused(run_main("linear_eval", ["--checkpoint", tmp_path / "missing.pt"], capsys), "does not exist")
     (tmp_path / "text.pt").write_text("hello")
-    check_one_line_error(run_script("linear_eval.py", "--checkpoint", tmp_path / "text.pt"), "not a readable")
+    check_refused(run_main("linear_eval", ["--checkpoint", tmp_path / "text.pt"], capsys), "not a readable")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    check_one_line_error(run_script("linear_eval.py", "--checkpoint", tmp_path / "other.pt"),
-                         "not a hyperreg checkpoint")
+    check_refused(run_main("linear_eval", ["--checkpoint", tmp_path / "other.pt"], capsys),
+                  "not a hyperreg checkpoint")
     check_one_line_error(run_script("byol.py", "--resume", tmp_path / "other.pt"), "not a hyperreg checkpoint")
 
 

@@ -9,7 +9,7 @@ import sys
 from common import ARCHS, DATASET_NAMES, DATASETS, IN_MEMORY
 from support.distributed import under_torchrun
 from support.errors import UserError
-from support.runs import checkpoint_path, load_checkpoint
+from support.runs import RESUME_MAY_CHANGE, checkpoint_path, load_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +215,6 @@ def check_augment(augment, dataset):
         raise UserError(f"--augment batched needs an in-memory dataset ({', '.join(IN_MEMORY)}), not {dataset}")
 
 
-RESUME_MAY_CHANGE = ("device", "workers", "data_dir", "sync_bn")  # where and how fast, never what is trained
 
 
 def given_flags(parser, argv):

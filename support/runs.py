@@ -237,7 +237,8 @@ def check_run_folder(args, method):
 
 RUN_FILES = ("args.json", "metrics.jsonl", "last.pt", "encoder.pt")
 TEMPORARY = tuple(name + ".tmp" for name in RUN_FILES)  # save_atomic's and write_text_atomic's
-SAME_RUN_MAY_DIFFER = ("out_dir", "device", "workers", "data_dir", "sync_bn")  # where and how fast, not what
+RESUME_MAY_CHANGE = ("device", "workers", "data_dir", "sync_bn")  # where and how fast, never what is trained
+SAME_RUN_MAY_DIFFER = ("out_dir", *RESUME_MAY_CHANGE)  # a failed start of the same settings
 
 
 def metrics_rows(path):
@@ -293,12 +294,8 @@ def trim_metrics(path, epochs_done):
     again (dropped here, written again) and never lacks one; a line torn by a kill is dropped too."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            if json.loads(line).get("epoch", math.inf) <= epochs_done:
-                keep.append(line + "\n")
-    write_text_atomic(path, "".join(keep))
+    keep = [row for row in metrics_rows(path) if row.get("epoch", math.inf) <= epochs_done]
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))  # as append_metrics wrote them
 
 
 def append_metrics(path, row):
